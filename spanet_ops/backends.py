@@ -1,0 +1,69 @@
+"""Which kernels are present, and the choice between them.
+
+The native extension (``spanet_ops._C``, built from ``csrc/``) registers CPU and
+CUDA kernels for the ``spanet`` kernel ops when it is imported; without it the
+ops run their PyTorch implementation, after one warning. Triton kernels serve
+CUDA tensors when Triton is importable.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+_native = None
+_native_error: str = ""
+
+
+def _load_native() -> None:
+    global _native, _native_error
+    if os.environ.get("SPANET_DISABLE_NATIVE", "0") == "1":
+        _native_error = "disabled by SPANET_DISABLE_NATIVE=1"
+        return
+    try:
+        _native = importlib.import_module("spanet_ops._C")
+    except ImportError as exc:
+        _native_error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            "spanet_ops native extension is not available; using the PyTorch kernels "
+            f"({_native_error}). Build it with `pip install -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_load_native()
+
+
+def native_module():
+    """The imported native extension module, or None."""
+    return _native
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """Report each kernel family: ``{"name": {"available": bool, "reason": str}}``."""
+    report = {"pytorch": {"available": True, "reason": "always present"}}
+    report["native_cpu"] = {
+        "available": _native is not None,
+        "reason": "built" if _native is not None else _native_error,
+    }
+    cuda_built = bool(_native is not None and getattr(_native, "has_cuda", lambda: False)())
+    report["native_cuda"] = {
+        "available": cuda_built,
+        "reason": "built" if cuda_built else ("not compiled into the extension" if _native is not None else _native_error),
+    }
+    return report
+
+
+def lowrank_filter(planes: Tensor, basis_h: Tensor, basis_w: Tensor, weight: Tensor, constant: Tensor) -> Tensor:
+    """The fused low-rank filter on contiguous planes ``(N, H, W)`` with the best kernel present."""
+    return torch.ops.spanet.lowrank_filter_kernel(planes, basis_h, basis_w, weight, constant)
+
+
+def spg_spectral(x: Tensor, base: Tensor, weight: Tensor, basis_h: Tensor, basis_w: Tensor, coeff_weight: Tensor) -> Tensor:
+    """``base`` plus the spectral part of the split-SPG aggregation, with the best kernel present."""
+    return torch.ops.spanet.spg_spectral_kernel(x, base, weight, basis_h, basis_w, coeff_weight)
