@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import ops
 from .masks import LamLike, lam_tensor
-from .validation import check_algorithm, check_filter_inputs, check_radius
+from .validation import check_algorithm, check_radius
 
 
 def spectral_mask_filter(x: Tensor, mask: Tensor, *, centered: bool = True, algorithm: str = "auto") -> Tensor:
@@ -37,7 +37,7 @@ def spectral_mask_filter(x: Tensor, mask: Tensor, *, centered: bool = True, algo
         ValueError: fewer than 2 dims, a mask of the wrong spatial size or not
             broadcastable to ``x``, or an unknown ``algorithm``.
     """
-    check_filter_inputs(x, mask, algorithm)
+    # Validation happens in the op (eagerly) and in its fake kernel (while tracing).
     return ops.spectral_mask_filter_op(x, mask, bool(centered), algorithm)
 
 

@@ -59,11 +59,33 @@ def backends() -> Dict[str, Dict[str, object]]:
     return report
 
 
+def use_triton(t: Tensor) -> bool:
+    """Whether the Triton kernels serve tensor ``t`` (CUDA tensors, Triton importable)."""
+    return t.is_cuda and triton_available()
+
+
+def triton_available() -> bool:
+    """Whether :mod:`spanet_ops.triton` imports (Triton present)."""
+    try:
+        importlib.import_module("spanet_ops.triton")
+    except ImportError:
+        return False
+    return True
+
+
 def lowrank_filter(planes: Tensor, basis_h: Tensor, basis_w: Tensor, weight: Tensor, constant: Tensor) -> Tensor:
     """The fused low-rank filter on contiguous planes ``(N, H, W)`` with the best kernel present."""
+    if use_triton(planes):
+        from .triton import lowrank_filter as triton_lowrank_filter
+
+        return triton_lowrank_filter(planes, basis_h, basis_w, weight, constant)
     return torch.ops.spanet.lowrank_filter_kernel(planes, basis_h, basis_w, weight, constant)
 
 
 def spg_spectral(x: Tensor, base: Tensor, weight: Tensor, basis_h: Tensor, basis_w: Tensor, coeff_weight: Tensor) -> Tensor:
     """``base`` plus the spectral part of the split-SPG aggregation, with the best kernel present."""
+    if use_triton(x):
+        from .triton import spg_spectral as triton_spg_spectral
+
+        return triton_spg_spectral(x, base, weight, basis_h, basis_w, coeff_weight)
     return torch.ops.spanet.spg_spectral_kernel(x, base, weight, basis_h, basis_w, coeff_weight)

@@ -65,19 +65,23 @@ def circular_regions(height: int, width: int, radius: float, *, centered: bool, 
 
 
 def lam_tensor(lam: LamLike, device=None) -> Tensor:
-    """``lam`` as a float32 tensor (0-d for a scalar, ``(C,)`` per channel), range-checked."""
+    """``lam`` as a float32 tensor (0-d for a scalar, ``(C,)`` per channel).
+
+    Python numbers are range-checked here; a tensor's values are checked where
+    they are used (reading them here would synchronise and break tracing).
+    """
     if isinstance(lam, Tensor):
-        if lam.is_complex() or not (lam.is_floating_point() or lam.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"lam must be a real tensor, got dtype {lam.dtype}")
+        if lam.is_complex() or not lam.is_floating_point():
+            raise TypeError(f"lam must be a real floating tensor, got dtype {lam.dtype}")
         if lam.dim() > 1:
             raise ValueError(f"lam must be a scalar or a per-channel vector (C,), got shape {tuple(lam.shape)}")
-        out = lam.to(device=device if device is not None else lam.device, dtype=torch.float32)
-    else:
-        out = torch.as_tensor(lam, dtype=torch.float32, device=device)
-        if out.dim() > 1:
-            raise ValueError(f"lam must be a float or a sequence of floats, got shape {tuple(out.shape)}")
-    check_lam_values(out)
-    return out
+        return lam.to(device=device if device is not None else lam.device, dtype=torch.float32)
+    values = [lam] if isinstance(lam, (int, float)) else list(lam)
+    if not all(isinstance(v, (int, float)) for v in values):
+        raise TypeError(f"lam must be a float or a sequence of floats, got {lam!r}")
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
+    return torch.tensor(lam, dtype=torch.float32, device=device)
 
 
 def circular_mask_values(lam: Tensor):
@@ -124,6 +128,7 @@ def circular_mask(
         raise ValueError(f"mask size must be positive, got {height}x{width}")
     check_radius(radius)
     lam_t = lam_tensor(lam, device=device)
+    check_lam_values(lam_t)
     inside, boundary = circular_regions(int(height), int(width), radius, centered=centered, device=lam_t.device)
     v_in, v_edge, v_out = (v[..., None, None] for v in circular_mask_values(lam_t))
     mask = torch.where(inside, v_in, torch.where(boundary, v_edge, v_out))

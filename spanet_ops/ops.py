@@ -67,8 +67,9 @@ def _lowrank(x: Tensor, basis, weight: Tensor, constant: Tensor, lead_shape) -> 
     period = broadcast_planes(lead_shape, x_lead)
     if period is None:  # a mask broadcast over inner dims: give every plane its own terms
         k, l = weight.shape[-2:]
-        weight = weight.reshape(*lead_shape, k, l).expand(*x_lead, k, l).reshape(-1, k, l)
-        constant = constant.reshape(lead_shape).expand(x_lead).reshape(-1)
+        n = planes.shape[0]
+        weight = weight.reshape(*lead_shape, k, l).expand(*x_lead, k, l).reshape(n, k, l)
+        constant = constant.reshape(lead_shape).expand(x_lead).reshape(n)
     out = backends.lowrank_filter(planes, basis.basis_h, basis.basis_w, weight.contiguous(), constant.contiguous())
     return out.reshape(x.shape)
 
