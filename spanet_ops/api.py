@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import ops
 from .masks import LamLike, lam_tensor
-from .validation import check_algorithm, check_radius
+from .validation import check_algorithm, check_lam_values, check_radius
 
 
 def spectral_mask_filter(x: Tensor, mask: Tensor, *, centered: bool = True, algorithm: str = "auto") -> Tensor:
@@ -58,6 +58,8 @@ def spectral_pooling_filter(x: Tensor, radius: float, lam: LamLike, *, algorithm
     check_radius(radius)
     check_algorithm(algorithm)
     lam_t = lam if isinstance(lam, Tensor) and lam.requires_grad else lam_tensor(lam, device=x.device)
+    if isinstance(lam, Tensor) and not torch.compiler.is_compiling():
+        check_lam_values(lam_t)
     return ops.spectral_pooling_filter_op(x, lam_t, float(radius), algorithm)
 
 
@@ -126,6 +128,8 @@ def spg_aggregate(
     else:
         lam_c = channel_lams(lams, x.shape[1])
     lam_c = lam_c.to(device=x.device)
+    if isinstance(lams, Tensor) and not torch.compiler.is_compiling():
+        check_lam_values(lam_c)
     if lam_c.requires_grad:
         raise ValueError("spg_aggregate's balances are fixed (not differentiable); pass a tensor without grad")
     return ops.spg_aggregate_op(x, weight, bias, lam_c, float(radius), algorithm)

@@ -48,6 +48,19 @@ _lib.define(
 )
 _lib.impl("lowrank_filter_kernel", algorithms.lowrank_filter, "CompositeExplicitAutograd")
 _lib.impl("spg_spectral_kernel", algorithms.spg_spectral, "CompositeExplicitAutograd")
+# The fft algorithm of the published circular mask (x in the compute dtype, lam float32 0-d or
+# (C,)): the native CUDA kernel computes the mask per bin on the fly inside cuFFT's half
+# spectrum; this default builds the half mask from the cached plan.
+_lib.define("circular_fft_filter_kernel(Tensor x, Tensor lam, float radius) -> Tensor")
+
+
+def _circular_fft_filter_default(x: Tensor, lam: Tensor, radius: float) -> Tensor:
+    plan = circular_plan(x.shape[-2], x.shape[-1], radius, x.dtype, x.device)
+    half = plan.half_mask(lam)
+    return algorithms.fft_filter(x, half if lam.numel() > 1 else half[0])
+
+
+_lib.impl("circular_fft_filter_kernel", _circular_fft_filter_default, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("spanet::lowrank_filter_kernel")
@@ -59,6 +72,12 @@ def _lowrank_filter_kernel_fake(x, basis_h, basis_w, weight, constant):
 @torch.library.register_fake("spanet::spg_spectral_kernel")
 def _spg_spectral_kernel_fake(x, base, weight, basis_h, basis_w, coeff_weight):
     return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("spanet::circular_fft_filter_kernel")
+def _circular_fft_filter_kernel_fake(x, lam, radius):
+    torch._check(x.dim() >= 2, lambda: "circular_fft_filter_kernel takes x (..., H, W)")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _lowrank(x: Tensor, basis, weight: Tensor, constant: Tensor, lead_shape) -> Tensor:
@@ -172,7 +191,7 @@ def _check_spf_inputs(x: Tensor, lam: Tensor, algorithm: str) -> None:
 def spectral_pooling_filter_op(x: Tensor, lam: Tensor, radius: float, algorithm: str) -> Tensor:
     """Op form of :func:`spanet_ops.spectral_pooling_filter`; ``lam`` float32, 0-d or ``(C,)``."""
     _check_spf_inputs(x, lam, algorithm)
-    check_lam_values(lam)
+    check_lam_values(lam, cpu_only=True)
     height, width = x.shape[-2:]
     dtype = compute_dtype(x.dtype)
     lam = lam.to(device=x.device)
@@ -182,9 +201,7 @@ def spectral_pooling_filter_op(x: Tensor, lam: Tensor, radius: float, algorithm:
     plan = circular_plan(height, width, radius, dtype, x.device)
     chosen = plan.algorithm if algorithm == "auto" else algorithm
     if chosen == "fft":
-        half = plan.half_mask(lam)
-        half = half if lam.numel() > 1 else half[0]
-        return algorithms.fft_filter(x.to(dtype), half).to(x.dtype).contiguous()
+        return backends.circular_fft_filter(x.to(dtype), lam, radius).to(x.dtype).contiguous()
     weight, constant = plan.lowrank_terms(lam)
     lead = (weight.shape[0],) if lam.numel() > 1 else ()
     return _lowrank(x, plan.basis, weight, constant, lead)
@@ -257,7 +274,7 @@ def spg_aggregate_op(
 ) -> Tensor:
     """Op form of :func:`spanet_ops.spg_aggregate` with per-channel ``lam`` ``(C,)`` and 2-D weight."""
     _check_spg_inputs(x, weight, bias, lam, algorithm)
-    check_lam_values(lam)
+    check_lam_values(lam, cpu_only=True)
     dtype = compute_dtype(x.dtype)
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)

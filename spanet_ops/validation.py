@@ -72,8 +72,15 @@ def check_radius(radius: float) -> None:
         raise ValueError(f"radius must be a finite non-negative number, got {radius!r}")
 
 
-def check_lam_values(lam: Tensor) -> None:
-    """Require every balance in ``[0, 1]`` (reads the values: call on real tensors only)."""
+def check_lam_values(lam: Tensor, *, cpu_only: bool = False) -> None:
+    """Require every balance in ``[0, 1]`` (reads the values: call on real tensors only).
+
+    With ``cpu_only`` a device tensor is not read: the ops pass it on hot paths,
+    where a host-device synchronisation per call would cost more than the
+    filter; the public functions check device tensors before calling the ops.
+    """
+    if cpu_only and lam.device.type != "cpu":
+        return
     if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"lam must lie in [0, 1], got {lam.tolist()}")
 
