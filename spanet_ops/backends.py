@@ -51,10 +51,18 @@ def backends() -> Dict[str, Dict[str, object]]:
         "available": _native is not None,
         "reason": "built" if _native is not None else _native_error,
     }
-    cuda_built = bool(_native is not None and getattr(_native, "has_cuda", lambda: False)())
-    report["native_cuda"] = {
-        "available": cuda_built,
-        "reason": "built" if cuda_built else ("not compiled into the extension" if _native is not None else _native_error),
+    cuda_built = bool(_native is not None and _native.has_cuda())
+    if cuda_built:
+        cuda_reason = f"built for sm_{_native.build_info()['cuda_archs'].replace(',', ', sm_')}"
+    elif _native is not None:
+        cuda_reason = _native.build_info()["cuda_reason"] or "not compiled into the extension"
+    else:
+        cuda_reason = _native_error
+    report["native_cuda"] = {"available": cuda_built, "reason": cuda_reason}
+    has_triton = triton_available()
+    report["triton"] = {
+        "available": has_triton,
+        "reason": "serves CUDA tensors" if has_triton else "triton is not importable",
     }
     return report
 
@@ -80,6 +88,15 @@ def lowrank_filter(planes: Tensor, basis_h: Tensor, basis_w: Tensor, weight: Ten
 
         return triton_lowrank_filter(planes, basis_h, basis_w, weight, constant)
     return torch.ops.spanet.lowrank_filter_kernel(planes, basis_h, basis_w, weight, constant)
+
+
+def circular_fft_filter(x: Tensor, lam: Tensor, radius: float) -> Tensor:
+    """The fft algorithm of the circular-mask SPF on ``x`` (compute dtype) with the best kernel present.
+
+    On CUDA tensors with the native CUDA kernels built: cuFFT with the mask computed per bin from
+    ``(radius, lam_c)``; otherwise the op's PyTorch default (half mask from the cached plan).
+    """
+    return torch.ops.spanet.circular_fft_filter_kernel(x, lam, float(radius))
 
 
 def spg_spectral(x: Tensor, base: Tensor, weight: Tensor, basis_h: Tensor, basis_w: Tensor, coeff_weight: Tensor) -> Tensor:

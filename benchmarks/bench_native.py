@@ -1,0 +1,184 @@
+"""Native kernels (issue 3): the C++/CUDA low-rank filter and spg_aggregate against the reference.
+
+Cases (fp32, batch 32):
+
+* ``spectral_mask_filter`` at (32, 64, 56, 56), radius 2, forward+backward: the
+  reference (fft2/fftshift/mask/ifftshift/ifft2 with a precomputed centred mask,
+  autograd through ``torch.fft``) against the native low-rank kernel (target: at
+  least 30x);
+* the kernel alone, forward, against the memory-traffic floor
+  ``torch.add(x, x, alpha=0.5)`` (one read, one write; target: within 2x);
+* ``spg_aggregate`` forward+backward at (32, 64, 56, 56) radius 2 and
+  (32, 320, 14, 14) radius 1 (the model's stages 1 and 3): the published
+  per-chunk composition against the fused op on the native kernels (target: at
+  least 3x).
+
+Two ways to run, both measuring every side of a ratio in the same process:
+
+    .venv/bin/python -m pytest benchmarks/bench_native.py --benchmark-enable \
+        --benchmark-json=/tmp/native.json && .venv/bin/python benchmarks/report.py /tmp/native.json
+    .venv/bin/python benchmarks/bench_native.py      # interleaved rounds, Markdown table with ratios
+
+CUDA cases run when a GPU is present.
+"""
+import argparse
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+
+import spanet_ops
+from spanet_ops import reference
+from spanet_ops.plans import circular_plan
+
+BATCH = 32
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FILTER_SHAPE = (BATCH, 64, 56, 56)
+SPG_CASES = [((BATCH, 64, 56, 56), 2.0), ((BATCH, 320, 14, 14), 1.0)]
+LAMS = (0.7, 0.8, 0.9)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def filter_candidates(device):
+    """``{impl: run}`` for the filter forward+backward at FILTER_SHAPE (baseline: ``reference``)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(FILTER_SHAPE, device=device, generator=gen, requires_grad=True)
+    grad = torch.randn(FILTER_SHAPE, device=device, generator=gen)
+    mask = spanet_ops.circular_mask(56, 56, 2.0, 0.7, device=device)
+
+    def make(fn):
+        def run():
+            x.grad = None
+            fn(x, mask).backward(grad)
+            _sync(device)
+
+        return run
+
+    return {
+        "reference": make(reference.spectral_mask_filter),
+        "native lowrank": make(lambda x, m: spanet_ops.spectral_mask_filter(x, m, algorithm="lowrank")),
+    }
+
+
+def floor_candidates(device):
+    """``{impl: run}`` for one forward pass of the kernel op against ``torch.add`` (baseline: ``add``)."""
+    x = torch.randn(FILTER_SHAPE, device=device).reshape(-1, 56, 56)
+    plan = circular_plan(56, 56, 2.0, torch.float32, device)
+    weight, constant = plan.lowrank_terms(torch.tensor(0.7, device=device))
+    bh, bw = plan.basis.basis_h, plan.basis.basis_w
+
+    def add():
+        torch.add(x, x, alpha=0.5)
+        _sync(device)
+
+    def kernel():
+        torch.ops.spanet.lowrank_filter_kernel(x, bh, bw, weight, constant)
+        _sync(device)
+
+    return {"add (memory floor)": add, "native kernel": kernel}
+
+
+def spg_candidates(shape, radius, device):
+    """``{impl: run}`` for spg_aggregate forward+backward (baseline: ``reference``)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    channels = shape[1]
+    x = torch.randn(shape, device=device, generator=gen, requires_grad=True)
+    weight = (torch.randn(channels, channels, device=device, generator=gen) / channels**0.5).requires_grad_()
+    bias = torch.zeros(channels, device=device, requires_grad=True)
+    grad = torch.randn(shape, device=device, generator=gen)
+    sizes = spanet_ops.chunk_sizes(channels)
+
+    def ref():
+        weights = list(torch.split(weight, sizes, dim=1))
+        return reference.spg_aggregate(x, weights, [bias, None, None], LAMS, radius)
+
+    def fused():
+        return spanet_ops.spg_aggregate(x, weight, bias, LAMS, radius)
+
+    def make(fn):
+        def run():
+            x.grad = weight.grad = bias.grad = None
+            fn().backward(grad)
+            _sync(device)
+
+        return run
+
+    return {"reference": make(ref), "native fused": make(fused)}
+
+
+def _cases(device):
+    yield f"{device} filter fwd+bwd {'x'.join(map(str, FILTER_SHAPE))}", "reference", filter_candidates
+    yield f"{device} kernel fwd vs memory floor {'x'.join(map(str, FILTER_SHAPE))}", "add (memory floor)", floor_candidates
+    for shape, radius in SPG_CASES:
+        yield (
+            f"{device} spg_aggregate fwd+bwd {'x'.join(map(str, shape))} r={radius:g}",
+            "reference",
+            lambda device, shape=shape, radius=radius: spg_candidates(shape, radius, device),
+        )
+
+
+CASES = [(device, group, baseline, build) for device in DEVICES for group, baseline, build in _cases(device)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("impl_index", [0, 1], ids=["baseline", "native"])
+def bench_native(benchmark, case, impl_index):
+    device, group, baseline, build = case
+    candidates = build(device)
+    impl = list(candidates)[impl_index]
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, baseline=baseline)
+    benchmark.pedantic(candidates[impl], warmup_rounds=1, rounds=5, iterations=1)
+
+
+def measure_interleaved(candidates, rounds):
+    """Median seconds per candidate, the candidates alternating within every round."""
+    for run in candidates.values():
+        run()  # warm-up: plans, caches, allocator
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def machine() -> str:
+    """The CPU model (and GPU, when present) of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}{gpu}"
+
+
+def main(argv=None):
+    """Print a Markdown table: every ratio from interleaved rounds in this one process."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    backend = spanet_ops.backends()
+    print(f"Machine: {machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; native CPU: {backend['native_cpu']['reason']}; "
+          f"native CUDA: {backend['native_cuda']['reason']}")
+    print()
+    print("| case | implementation | median ms | ratio (baseline / this) |")
+    print("| --- | --- | ---: | ---: |")
+    for device, group, baseline, build in CASES:
+        medians = measure_interleaved(build(device), args.rounds)
+        for name, seconds in medians.items():
+            print(f"| {group} | {name} | {seconds * 1e3:.1f} | {medians[baseline] / seconds:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

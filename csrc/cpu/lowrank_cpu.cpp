@@ -1,0 +1,512 @@
+// CPU kernels of the spanet kernel ops: the fused low-rank spectral filter and the
+// coefficient-space spectral part of the split-SPG aggregation (SPEC §1 fact 3, §2).
+//
+// Per plane x (H x W) with the real partial-DFT bases A (2K x H) and B (2L x W):
+//   analysis   G = A x B^T                  (2K x 2L)
+//   scaling    Z = [[R, Q], [Q, -R]],  R = w (G_ac - G_bd),  Q = w (G_bc + G_ad)
+//   synthesis  y = alpha * src + A^T Z B
+// exactly as spanet_ops/algorithms.py (_coefficient_scale, analysis, synthesis).
+// Each plane is read once from memory (the synthesis re-reads it from L1/L2 for the
+// constant term) and written once; planes whose dtype or width does not suit the vector
+// loops go through a per-thread padded buffer in the compute dtype.
+// Planes are spread over threads with at::parallel_for (OpenMP); the inner loops work
+// on register blocks of fixed size that the compiler vectorises.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../spanet_ops.h"
+
+namespace spanet {
+namespace {
+
+// One 256-bit vector of the compute dtype (GCC/Clang vector extension: explicit SIMD
+// without ISA intrinsics; split into two 128-bit halves where AVX is absent). Rows are
+// whole vectors (the workspace copy of a plane, and the column basis, are padded with zero
+// columns), so every inner loop runs on whole vectors. The unaligned vector type aliases
+// its element type.
+template <typename acc_t>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4)));
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef double unaligned __attribute__((vector_size(32), aligned(8)));
+};
+template <typename acc_t>
+using vec_t = typename Simd<acc_t>::type;
+template <typename acc_t>
+constexpr int64_t kLanes = sizeof(vec_t<acc_t>) / sizeof(acc_t);
+
+template <typename acc_t>
+inline vec_t<acc_t> load(const acc_t* p) {
+  return *reinterpret_cast<const typename Simd<acc_t>::unaligned*>(p);
+}
+template <typename acc_t>
+inline void store(acc_t* p, vec_t<acc_t> v) {
+  *reinterpret_cast<typename Simd<acc_t>::unaligned*>(p) = v;
+}
+template <typename acc_t>
+inline vec_t<acc_t> splat(acc_t a) {
+  return vec_t<acc_t>{} + a;
+}
+template <typename acc_t>
+inline acc_t hsum(vec_t<acc_t> v) {
+  acc_t sum = 0;
+  for (int64_t j = 0; j < kLanes<acc_t>; ++j) sum += v[j];
+  return sum;
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Factor the rows of a basis (n_rows x n) as basis = S U: U holds the distinct non-zero rows,
+// row_of[p] the row of U behind row p (-1 for a zero row) and sign[p] = +-1. Rows count as
+// equal within a few ulps of the compute dtype. Returns the indices of U's rows in basis.
+template <typename acc_t>
+std::vector<int64_t> factor_rows(const acc_t* basis, int64_t n_rows, int64_t n, std::vector<int64_t>& row_of,
+                                 std::vector<acc_t>& sign) {
+  const acc_t tol = 16 * std::numeric_limits<acc_t>::epsilon();
+  row_of.assign(n_rows, -1);
+  sign.assign(n_rows, acc_t(0));
+  std::vector<int64_t> unique;
+  for (int64_t p = 0; p < n_rows; ++p) {
+    const acc_t* row = basis + p * n;
+    acc_t peak = 0;
+    for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(row[i]));
+    if (peak <= tol) continue;  // a zero row (sin of frequency 0 or Nyquist)
+    for (size_t u = 0; u < unique.size() && row_of[p] < 0; ++u) {
+      const acc_t* other = basis + unique[u] * n;
+      for (const acc_t s : {acc_t(1), acc_t(-1)}) {
+        bool same = true;
+        for (int64_t i = 0; i < n && same; ++i) same = std::abs(row[i] - s * other[i]) <= tol * peak;
+        if (same) {
+          row_of[p] = static_cast<int64_t>(u);
+          sign[p] = s;
+          break;
+        }
+      }
+    }
+    if (row_of[p] < 0) {
+      row_of[p] = static_cast<int64_t>(unique.size());
+      sign[p] = 1;
+      unique.push_back(p);
+    }
+  }
+  return unique;
+}
+
+// The bases of one call, prepared for the plane loops.
+//
+// The rows of A and B come in cos/sin pairs for frequencies k and -k, so many are equal,
+// opposite or zero (cos(-k) = cos(k), sin(-k) = -sin(k), sin(0) = 0): A = S_A U_A and
+// B = S_B U_B with U the distinct non-zero rows (5 of 10 for the published r = 2 disc). All
+// passes run on U_A and U_B: the analysis computes U_A x U_B^T and spreads it with the signs;
+// the synthesis first folds the signs into the coefficients, S_A^T Z S_B.
+template <typename acc_t>
+struct Geometry {
+  int64_t height, width, padded, k2, l2;  // k2 = 2K, l2 = 2L, padded = width rounded up to kLanes
+  int64_t rows, cols;                     // rows of U_A and U_B
+  std::vector<int64_t> row_of, col_of;    // (2K), (2L): row of U_A / U_B behind each row of A / B, -1 if zero
+  std::vector<acc_t> row_sign, col_sign;  // (2K), (2L)
+  std::vector<acc_t> unique_t;            // (H, rows): U_A transposed, a row's factors contiguous
+  std::vector<acc_t> unique_w;            // (cols, padded): U_B with zero columns beyond W
+
+  Geometry(const at::Tensor& bh, const at::Tensor& bw)
+      : height(bh.size(1)), width(bw.size(1)), padded(round_up(bw.size(1), kLanes<acc_t>)), k2(bh.size(0)),
+        l2(bw.size(0)) {
+    const acc_t* a = bh.const_data_ptr<acc_t>();
+    const acc_t* b = bw.const_data_ptr<acc_t>();
+    const std::vector<int64_t> ua = factor_rows(a, k2, height, row_of, row_sign);
+    const std::vector<int64_t> ub = factor_rows(b, l2, width, col_of, col_sign);
+    rows = static_cast<int64_t>(ua.size());
+    cols = static_cast<int64_t>(ub.size());
+    unique_t.resize(height * rows);
+    for (int64_t u = 0; u < rows; ++u)
+      for (int64_t h = 0; h < height; ++h) unique_t[h * rows + u] = a[ua[u] * height + h];
+    unique_w.assign(cols * padded, acc_t(0));
+    for (int64_t v = 0; v < cols; ++v)
+      for (int64_t w = 0; w < width; ++w) unique_w[v * padded + w] = b[ub[v] * width + w];
+  }
+};
+
+// Scratch of one thread, reused across its planes.
+template <typename acc_t>
+struct Workspace {
+  std::vector<acc_t> plane;  // (H, padded): the plane in the compute dtype; the synthesis overwrites it
+  std::vector<acc_t> proj;   // (rows, padded): U_A x, later S_A^T Z S_B U_B
+  std::vector<acc_t> grid;   // (2K, 2L): G, later Z
+  std::vector<acc_t> core;   // (rows, cols): U_A x U_B^T, later S_A^T Z S_B
+
+  explicit Workspace(const Geometry<acc_t>& g)
+      : plane(g.height * g.padded, acc_t(0)), proj(g.rows * g.padded), grid(g.k2 * g.l2), core(g.rows * g.cols) {}
+};
+
+template <typename scalar_t, typename acc_t>
+void load_plane(const scalar_t* src, const Geometry<acc_t>& g, Workspace<acc_t>& ws) {
+  acc_t* plane = ws.plane.data();
+  for (int64_t h = 0; h < g.height; ++h) {
+    acc_t* row = plane + h * g.padded;
+    const scalar_t* in = src + h * g.width;
+    for (int64_t w = 0; w < g.width; ++w) row[w] = static_cast<acc_t>(in[w]);
+    for (int64_t w = g.width; w < g.padded; ++w) row[w] = 0;
+  }
+}
+
+// Orders this thread's streaming stores before the parallel region ends.
+inline void store_fence() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
+}
+
+// Request the next plane while this one is computed, so its memory traffic overlaps the arithmetic.
+template <typename scalar_t>
+inline void prefetch_plane(const scalar_t* src, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(src);
+  for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(scalar_t)); i += 64) __builtin_prefetch(bytes + i, 0, 1);
+}
+
+template <typename scalar_t, typename acc_t>
+void store_plane(const Geometry<acc_t>& g, const Workspace<acc_t>& ws, scalar_t* dst) {
+  const acc_t* plane = ws.plane.data();
+  for (int64_t h = 0; h < g.height; ++h) {
+    const acc_t* row = plane + h * g.padded;
+    scalar_t* out = dst + h * g.width;
+    for (int64_t w = 0; w < g.width; ++w) out[w] = static_cast<scalar_t>(row[w]);
+  }
+}
+
+// proj[u0 + i, w0 : w0 + NV vectors] = sum_h U[u0 + i, h] x[h, ...] for PG rows of U, with
+// PG x NV vector accumulators in registers (independent FMA chains).
+template <typename acc_t, int PG, int NV>
+inline void project_block(const acc_t* __restrict__ x, const acc_t* __restrict__ ut, acc_t* __restrict__ proj,
+                          int64_t height, int64_t padded, int64_t rows, int64_t u0, int64_t w0) {
+  constexpr int64_t lanes = kLanes<acc_t>;
+  vec_t<acc_t> acc[PG][NV];
+  for (int i = 0; i < PG; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vec_t<acc_t>{};
+  for (int64_t h = 0; h < height; ++h) {
+    vec_t<acc_t> xv[NV];
+    for (int j = 0; j < NV; ++j) xv[j] = load(x + h * padded + w0 + j * lanes);
+    for (int i = 0; i < PG; ++i) {
+      const vec_t<acc_t> a = splat(ut[h * rows + u0 + i]);
+      for (int j = 0; j < NV; ++j) acc[i][j] += a * xv[j];
+    }
+  }
+  for (int i = 0; i < PG; ++i)
+    for (int j = 0; j < NV; ++j) store(proj + (u0 + i) * padded + w0 + j * lanes, acc[i][j]);
+}
+
+template <typename acc_t, int NV>
+inline void project_columns(const Geometry<acc_t>& g, const acc_t* x, Workspace<acc_t>& ws, int64_t w0) {
+  const acc_t* ut = g.unique_t.data();
+  acc_t* proj = ws.proj.data();
+  int64_t u0 = 0;
+  for (; u0 + 4 <= g.rows; u0 += 4) project_block<acc_t, 4, NV>(x, ut, proj, g.height, g.padded, g.rows, u0, w0);
+  for (; u0 + 2 <= g.rows; u0 += 2) project_block<acc_t, 2, NV>(x, ut, proj, g.height, g.padded, g.rows, u0, w0);
+  for (; u0 < g.rows; ++u0) project_block<acc_t, 1, NV>(x, ut, proj, g.height, g.padded, g.rows, u0, w0);
+}
+
+// Analysis of the plane x (H x padded): proj = U_A x (rows x padded), core = proj U_B^T, then
+// grid = S_A core S_B^T = A x B^T (2K x 2L).
+template <typename acc_t>
+void analyse(const Geometry<acc_t>& g, const acc_t* x, Workspace<acc_t>& ws) {
+  constexpr int64_t lanes = kLanes<acc_t>;
+  int64_t w0 = 0;
+  for (; w0 + 2 * lanes <= g.padded; w0 += 2 * lanes) project_columns<acc_t, 2>(g, x, ws, w0);
+  if (w0 < g.padded) project_columns<acc_t, 1>(g, x, ws, w0);
+  const acc_t* proj = ws.proj.data();
+  const acc_t* ub = g.unique_w.data();
+  acc_t* core = ws.core.data();
+  for (int64_t u = 0; u < g.rows; ++u) {
+    for (int64_t v = 0; v < g.cols; ++v) {
+      vec_t<acc_t> lane{};  // per-lane partial sums, added up at the end
+      for (int64_t w = 0; w < g.padded; w += lanes) lane += load(proj + u * g.padded + w) * load(ub + v * g.padded + w);
+      core[u * g.cols + v] = hsum<acc_t>(lane);
+    }
+  }
+  acc_t* grid = ws.grid.data();
+  for (int64_t p = 0; p < g.k2; ++p) {
+    for (int64_t q = 0; q < g.l2; ++q) {
+      const bool zero = g.row_of[p] < 0 || g.col_of[q] < 0;
+      grid[p * g.l2 + q] = zero ? acc_t(0) : g.row_sign[p] * g.col_sign[q] * core[g.row_of[p] * g.cols + g.col_of[q]];
+    }
+  }
+}
+
+// grid G -> Z in place, with the per-bin weights w (K x L) (algorithms._coefficient_scale).
+template <typename acc_t>
+void scale(const acc_t* weight, const Geometry<acc_t>& g, Workspace<acc_t>& ws) {
+  const int64_t K = g.k2 / 2, L = g.l2 / 2, ld = g.l2;
+  acc_t* z = ws.grid.data();
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t l = 0; l < L; ++l) {
+      const acc_t pac = z[k * ld + l], pad = z[k * ld + L + l];
+      const acc_t pbc = z[(K + k) * ld + l], pbd = z[(K + k) * ld + L + l];
+      const acc_t w = weight[k * L + l];
+      const acc_t r = w * (pac - pbd), q = w * (pbc + pad);
+      z[k * ld + l] = r;
+      z[k * ld + L + l] = q;
+      z[(K + k) * ld + l] = q;
+      z[(K + k) * ld + L + l] = -r;
+    }
+  }
+}
+
+// proj = (S_A^T Z S_B) U_B (rows x padded) from the coefficients z (2K x 2L), so that
+// A^T Z B = U_A^T proj.
+template <typename acc_t>
+void expand(const acc_t* z, const Geometry<acc_t>& g, Workspace<acc_t>& ws) {
+  acc_t* core = ws.core.data();
+  std::fill(ws.core.begin(), ws.core.end(), acc_t(0));
+  for (int64_t p = 0; p < g.k2; ++p) {
+    if (g.row_of[p] < 0) continue;
+    for (int64_t q = 0; q < g.l2; ++q) {
+      if (g.col_of[q] < 0) continue;
+      core[g.row_of[p] * g.cols + g.col_of[q]] += g.row_sign[p] * g.col_sign[q] * z[p * g.l2 + q];
+    }
+  }
+  const acc_t* ub = g.unique_w.data();
+  acc_t* proj = ws.proj.data();
+  for (int64_t u = 0; u < g.rows; ++u) {
+    for (int64_t w = 0; w < g.padded; w += kLanes<acc_t>) {
+      vec_t<acc_t> acc{};
+      for (int64_t v = 0; v < g.cols; ++v) acc += splat(core[u * g.cols + v]) * load(ub + v * g.padded + w);
+      store(proj + u * g.padded + w, acc);
+    }
+  }
+}
+
+// A vector of results: a streaming store (no read of the destination line first) or a plain one.
+template <bool Stream, typename acc_t>
+inline void store_out(acc_t* p, vec_t<acc_t> v) {
+#ifdef __AVX__
+  if constexpr (Stream && std::is_same_v<acc_t, float>) {
+    _mm256_stream_ps(p, (__m256)v);
+    return;
+  } else if constexpr (Stream && std::is_same_v<acc_t, double>) {
+    _mm256_stream_pd(p, (__m256d)v);
+    return;
+  }
+#endif
+  store(p, v);
+}
+
+// dst[h0 + r, w0 : w0 + NV vectors] = alpha * src[...] + sum_u U_A[u, h0 + r] proj[u, ...] for RH
+// rows, with RH x NV vector accumulators in registers. src and dst (stride padded) may be the
+// same buffer: every value is read before any is written.
+template <typename acc_t, int RH, int NV, bool Stream>
+inline void synthesise_block(const acc_t* src, acc_t* dst, const acc_t* __restrict__ ut,
+                             const acc_t* __restrict__ proj, int64_t padded, int64_t rows, acc_t alpha, int64_t h0,
+                             int64_t w0) {
+  constexpr int64_t lanes = kLanes<acc_t>;
+  vec_t<acc_t> acc[RH][NV];
+  const int64_t offset = h0 * padded + w0;
+  const vec_t<acc_t> scale = splat(alpha);
+  for (int r = 0; r < RH; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = scale * load(src + offset + r * padded + j * lanes);
+  const acc_t* a = ut + h0 * rows;
+  for (int64_t u = 0; u < rows; ++u) {
+    vec_t<acc_t> v[NV];
+    for (int j = 0; j < NV; ++j) v[j] = load(proj + u * padded + w0 + j * lanes);
+    for (int r = 0; r < RH; ++r) {
+      const vec_t<acc_t> f = splat(a[r * rows + u]);
+      for (int j = 0; j < NV; ++j) acc[r][j] += f * v[j];
+    }
+  }
+  for (int r = 0; r < RH; ++r)
+    for (int j = 0; j < NV; ++j) store_out<Stream>(dst + offset + r * padded + j * lanes, acc[r][j]);
+}
+
+template <typename acc_t, int NV, bool Stream>
+inline void synthesise_columns(const Geometry<acc_t>& g, const Workspace<acc_t>& ws, acc_t alpha, const acc_t* src,
+                               acc_t* dst, int64_t w0) {
+  const acc_t* ut = g.unique_t.data();
+  const acc_t* proj = ws.proj.data();
+  int64_t h0 = 0;
+  for (; h0 + 4 <= g.height; h0 += 4)
+    synthesise_block<acc_t, 4, NV, Stream>(src, dst, ut, proj, g.padded, g.rows, alpha, h0, w0);
+  for (; h0 < g.height; ++h0)
+    synthesise_block<acc_t, 1, NV, Stream>(src, dst, ut, proj, g.padded, g.rows, alpha, h0, w0);
+}
+
+// dst = alpha * src + A^T Z B (planes H x padded), given proj from expand().
+template <typename acc_t, bool Stream>
+void synthesise(const Geometry<acc_t>& g, const Workspace<acc_t>& ws, acc_t alpha, const acc_t* src, acc_t* dst) {
+  constexpr int64_t lanes = kLanes<acc_t>;
+  int64_t w0 = 0;
+  for (; w0 + 2 * lanes <= g.padded; w0 += 2 * lanes) synthesise_columns<acc_t, 2, Stream>(g, ws, alpha, src, dst, w0);
+  if (w0 < g.padded) synthesise_columns<acc_t, 1, Stream>(g, ws, alpha, src, dst, w0);
+}
+
+// One plane: analysis of src, optional scaling, expansion, synthesis dst = alpha * base + A^T Z B.
+// Where the storage is the compute dtype and rows are whole vectors, the kernels read the input
+// and write the output in place (streaming stores when aligned); otherwise they work on the
+// workspace's padded copy.
+template <typename scalar_t, typename acc_t>
+struct PlaneIO {
+  static constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const Geometry<acc_t>& g;
+  bool direct;
+
+  explicit PlaneIO(const Geometry<acc_t>& geometry) : g(geometry), direct(kSameType && g.padded == g.width) {}
+
+  // The plane as compute-dtype rows of stride padded.
+  const acc_t* input(const scalar_t* src, Workspace<acc_t>& ws) const {
+    if constexpr (kSameType) {
+      if (direct) return src;
+    }
+    load_plane(src, g, ws);
+    return ws.plane.data();
+  }
+
+  // dst = alpha * base + A^T Z B, with base as returned by input().
+  void output(const acc_t* base, acc_t alpha, Workspace<acc_t>& ws, scalar_t* dst) const {
+    if constexpr (kSameType) {
+      if (direct) {
+        if (reinterpret_cast<uintptr_t>(dst) % sizeof(vec_t<acc_t>) == 0) {
+          synthesise<acc_t, true>(g, ws, alpha, base, dst);
+        } else {
+          synthesise<acc_t, false>(g, ws, alpha, base, dst);
+        }
+        return;
+      }
+    }
+    synthesise<acc_t, false>(g, ws, alpha, base, ws.plane.data());
+    store_plane(g, ws, dst);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void lowrank_planes(const at::Tensor& x, const at::Tensor& basis_h, const at::Tensor& basis_w,
+                    const at::Tensor& weight, const at::Tensor& constant, at::Tensor& out, int64_t planes) {
+  const Geometry<acc_t> g(basis_h, basis_w);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+  const acc_t* wp = weight.const_data_ptr<acc_t>();
+  const acc_t* cp = constant.const_data_ptr<acc_t>();
+  const int64_t hw = g.height * g.width, kl = (g.k2 / 2) * (g.l2 / 2);
+  const PlaneIO<scalar_t, acc_t> io(g);
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(g);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t m = n % planes;  // plane n uses mask plane n % P
+      if (n + 1 < end) prefetch_plane(xp + (n + 1) * hw, hw);
+      const acc_t* plane = io.input(xp + n * hw, ws);
+      analyse(g, plane, ws);
+      scale(wp + m * kl, g, ws);
+      expand(ws.grid.data(), g, ws);
+      io.output(plane, cp[m], ws, yp + n * hw);
+    }
+    store_fence();
+  });
+}
+
+at::Tensor lowrank_filter_cpu(const at::Tensor& x, const at::Tensor& basis_h, const at::Tensor& basis_w,
+                              const at::Tensor& weight, const at::Tensor& constant) {
+  const LowRankShape s = check_lowrank_args(x, basis_h, basis_w, weight, constant);
+  TORCH_CHECK(x.device().is_cpu(), "lowrank_filter_kernel (CPU): x must be a CPU tensor");
+  const at::Tensor xc = x.contiguous(), bh = basis_h.contiguous(), bw = basis_w.contiguous();
+  const at::Tensor wc = weight.contiguous(), cc = constant.contiguous();
+  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  if (xc.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "lowrank_filter_cpu", [&] {
+    if (bh.scalar_type() == at::kDouble) {
+      lowrank_planes<scalar_t, double>(xc, bh, bw, wc, cc, out, s.planes);
+    } else {
+      lowrank_planes<scalar_t, float>(xc, bh, bw, wc, cc, out, s.planes);
+    }
+  });
+  return out;
+}
+
+// Analysis and scaling of every (b, c) plane of x into coefficients (B, C, 2K, 2L).
+template <typename scalar_t, typename acc_t>
+void spg_coefficients(const at::Tensor& x, const Geometry<acc_t>& g, const at::Tensor& coeff_weight,
+                      at::Tensor& coeffs) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* wp = coeff_weight.const_data_ptr<acc_t>();
+  acc_t* zp = coeffs.mutable_data_ptr<acc_t>();
+  const int64_t channels = x.size(1), hw = g.height * g.width, kl = (g.k2 / 2) * (g.l2 / 2);
+  const int64_t zsize = g.k2 * g.l2;
+  const PlaneIO<scalar_t, acc_t> io(g);
+  at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(g);
+    for (int64_t n = begin; n < end; ++n) {
+      if (n + 1 < end) prefetch_plane(xp + (n + 1) * hw, hw);
+      analyse(g, io.input(xp + n * hw, ws), ws);
+      scale(wp + (n % channels) * kl, g, ws);
+      std::copy(ws.grid.begin(), ws.grid.end(), zp + n * zsize);
+    }
+  });
+}
+
+// out = base + A^T M B for every (b, o) plane, M the mixed coefficients (B, O, 2K, 2L).
+template <typename scalar_t, typename acc_t>
+void spg_synthesis(const at::Tensor& base, const Geometry<acc_t>& g, const at::Tensor& mixed, at::Tensor& out) {
+  const scalar_t* bp = base.const_data_ptr<scalar_t>();
+  const acc_t* mp = mixed.const_data_ptr<acc_t>();
+  scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+  const int64_t hw = g.height * g.width, zsize = g.k2 * g.l2;
+  const PlaneIO<scalar_t, acc_t> io(g);
+  at::parallel_for(0, base.size(0) * base.size(1), 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(g);
+    for (int64_t n = begin; n < end; ++n) {
+      if (n + 1 < end) prefetch_plane(bp + (n + 1) * hw, hw);
+      const acc_t* plane = io.input(bp + n * hw, ws);
+      expand(mp + n * zsize, g, ws);
+      io.output(plane, acc_t(1), ws, yp + n * hw);
+    }
+    store_fence();
+  });
+}
+
+at::Tensor spg_spectral_cpu(const at::Tensor& x, const at::Tensor& base, const at::Tensor& weight,
+                            const at::Tensor& basis_h, const at::Tensor& basis_w, const at::Tensor& coeff_weight) {
+  const SpgShape s = check_spg_args(x, base, weight, basis_h, basis_w, coeff_weight);
+  TORCH_CHECK(x.device().is_cpu(), "spg_spectral_kernel (CPU): x must be a CPU tensor");
+  const at::Tensor xc = x.contiguous(), bc = base.contiguous();
+  const at::Tensor bh = basis_h.contiguous(), bw = basis_w.contiguous(), cw = coeff_weight.contiguous();
+  at::Tensor out = at::empty_like(bc, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  const at::ScalarType acc = bh.scalar_type();
+  at::Tensor coeffs = at::empty({s.batch, s.channels, 2 * s.k, 2 * s.l}, bh.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "spg_spectral_cpu", [&] {
+    using acc_t = scalar_t;
+    const Geometry<acc_t> g(bh, bw);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "spg_coefficients_cpu", [&] {
+      spg_coefficients<scalar_t, acc_t>(xc, g, cw, coeffs);
+    });
+    // Channel mixing in coefficient space: a small (O x C) x (C x 4KL) GEMM per batch element.
+    const at::Tensor mixed =
+        at::matmul(weight.to(acc), coeffs.reshape({s.batch, s.channels, -1})).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bc.scalar_type(), "spg_synthesis_cpu", [&] {
+      spg_synthesis<scalar_t, acc_t>(bc, g, mixed, out);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spanet, CPU, m) {
+  m.impl("lowrank_filter_kernel", &lowrank_filter_cpu);
+  m.impl("spg_spectral_kernel", &spg_spectral_cpu);
+}
+
+}  // namespace spanet

@@ -1,0 +1,349 @@
+"""Native kernels (spanet_ops._C, issue 3) against the reference.
+
+The C++ CPU kernels and the CUDA kernels register for the ``spanet`` kernel ops;
+these tests check that they are built and registered, that every public operator
+running on them matches the paper-literal reference across shapes and dtypes,
+their gradients (gradcheck, fp64), their op registration (opcheck), and their
+error messages. CUDA tests skip cleanly without a GPU.
+"""
+import importlib
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import spanet_ops
+from spanet_ops import algorithms, reference
+from spanet_ops.plans import circular_plan
+
+backends_module = importlib.import_module("spanet_ops.backends")
+NATIVE = backends_module.native_module()
+requires_native = pytest.mark.skipif(NATIVE is None, reason="spanet_ops native extension not built")
+requires_cuda_device = pytest.mark.skipif(
+    not (torch.cuda.is_available() and NATIVE is not None and NATIVE.has_cuda()),
+    reason="needs a CUDA device and the native CUDA kernels",
+)
+
+# (dtype, atol, rtol) against the fp64 reference of the same (rounded) input.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+DTYPES = list(TOLERANCES)
+# Spatial sizes: the model's, odd, non-square, smaller than the disc, widths not a multiple of a vector.
+SIZES = [(56, 56), (14, 14), (7, 7), (13, 10), (3, 5), (2, 2), (1, 1), (9, 33)]
+RADII = [1.0, 2.0, 2.5]
+
+
+def assert_close(actual, expected, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+def _nvcc_present() -> bool:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return True
+    return shutil.which("nvcc") is not None or os.path.isfile("/usr/local/cuda/bin/nvcc")
+
+
+# --------------------------------------------------------------------------- build and registration
+
+
+def test_native_extension_built():
+    """The set-up builds the extension (unless told not to), and backends() says so."""
+    if os.environ.get("SPANET_BUILD_NATIVE", "1") == "0" or os.environ.get("SPANET_DISABLE_NATIVE") == "1":
+        pytest.skip("native build disabled by the environment")
+    report = spanet_ops.backends()
+    assert report["native_cpu"] == {"available": True, "reason": "built"}, report
+    assert NATIVE.build_info()["openmp"] is True
+
+
+@requires_native
+def test_cuda_objects_built_whenever_toolchain_present():
+    """A CUDA build of torch plus nvcc means the CUDA kernels are compiled in (GPU or not)."""
+    report = spanet_ops.backends()["native_cuda"]
+    info = NATIVE.build_info()
+    if torch.version.cuda is None or not _nvcc_present() or os.environ.get("SPANET_CPU_ONLY") == "1":
+        assert report["available"] is False and report["reason"].startswith("not compiled"), report
+        return
+    assert info["cuda"] is True and report["available"] is True, (report, info)
+    archs = info["cuda_archs"].split(",")
+    assert archs and all(a[:2].isdigit() for a in archs), info
+    assert report["reason"] == "built for " + ", ".join("sm_" + a for a in archs)
+    for op in ("lowrank_filter_kernel", "spg_spectral_kernel", "circular_fft_filter_kernel"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spanet::{op}", "CUDA"), op
+
+
+@requires_native
+@pytest.mark.parametrize("op", ["lowrank_filter_kernel", "spg_spectral_kernel"])
+def test_cpu_kernels_registered(op):
+    """The dispatcher holds a CPU kernel (preferred over the Python CompositeExplicitAutograd default)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spanet::{op}", "CPU")
+
+
+def test_backends_reports_reason_for_every_family():
+    report = spanet_ops.backends()
+    for name in ("pytorch", "native_cpu", "native_cuda"):
+        assert isinstance(report[name]["available"], bool) and report[name]["reason"], report
+
+
+# --------------------------------------------------------------------------- kernel ops vs the PyTorch algorithms
+
+
+def _lowrank_inputs(height, width, radius, dtype, planes=3, repeat=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    plan = circular_plan(height, width, radius, compute, "cpu")
+    lam = torch.rand(planes, generator=gen)
+    weight, constant = plan.lowrank_terms(lam)
+    x = torch.randn(planes * repeat, height, width, generator=gen, dtype=torch.float64).to(dtype)
+    return x, plan.basis.basis_h, plan.basis.basis_w, weight, constant
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("radius", RADII)
+def test_lowrank_kernel_matches_algorithm(size, radius, dtype):
+    x, bh, bw, weight, constant = _lowrank_inputs(*size, radius, dtype)
+    out = torch.ops.spanet.lowrank_filter_kernel(x, bh, bw, weight, constant)
+    expected = algorithms.lowrank_filter(x.double(), bh.double(), bw.double(), weight.double(), constant.double())
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    assert_close(out, expected, dtype)
+
+
+@requires_native
+def test_lowrank_kernel_general_mask_and_noncontiguous_planes():
+    """A general sparse-deviation mask (many bins, P = 1) and strided input, vs the reference filter."""
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.full((12, 11), 0.4, dtype=torch.float64)
+    mask[torch.rand(12, 11, generator=gen) < 0.1] = 1.7
+    x = torch.randn(5, 11, 12, generator=gen, dtype=torch.float64).transpose(-1, -2)
+    out = spanet_ops.spectral_mask_filter(x, mask, algorithm="lowrank")
+    torch.testing.assert_close(out, reference.spectral_mask_filter(x, mask), atol=1e-10, rtol=1e-10)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [(56, 56), (14, 14), (7, 9), (2, 3)])
+def test_spg_kernel_matches_algorithm(size, dtype):
+    gen = torch.Generator().manual_seed(2)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    plan = circular_plan(*size, 2.0, compute, "cpu")
+    coeff_weight, _ = plan.lowrank_terms(torch.rand(6, generator=gen))
+    x = torch.randn(2, 6, *size, generator=gen, dtype=torch.float64).to(dtype)
+    base = torch.randn(2, 5, *size, generator=gen, dtype=compute)
+    weight = torch.randn(5, 6, generator=gen, dtype=compute)
+    bh, bw = plan.basis.basis_h, plan.basis.basis_w
+    out = torch.ops.spanet.spg_spectral_kernel(x, base, weight, bh, bw, coeff_weight)
+    expected = algorithms.spg_spectral(x.double(), base.double(), weight.double(), bh.double(), bw.double(),
+                                       coeff_weight.double())
+    assert out.dtype == compute and out.shape == base.shape
+    assert_close(out, expected, torch.float32 if dtype != torch.float64 else dtype)
+
+
+# --------------------------------------------------------------------------- public operators on the native kernels vs the reference
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("algorithm", ["lowrank", "fft", "auto"])
+def test_spectral_pooling_filter_matches_reference(size, dtype, algorithm):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, *size, generator=gen, dtype=torch.float64).to(dtype)
+    lam = torch.tensor([0.7, 0.8, 0.9, 0.25])
+    out = spanet_ops.spectral_pooling_filter(x, 2.0, lam, algorithm=algorithm)
+    assert out.dtype == dtype
+    assert_close(out, reference.spectral_pooling_filter(x.double(), 2.0, lam), dtype)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 12, 14, 14), (1, 9, 7, 7), (2, 6, 9, 13)])
+@pytest.mark.parametrize("radius", [1.0, 2.0])
+def test_spg_aggregate_matches_reference(shape, dtype, radius):
+    gen = torch.Generator().manual_seed(4)
+    channels = shape[1]
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    # Parameters rounded to the storage dtype, so the reference sees the same values.
+    weight = (torch.randn(7, channels, generator=gen, dtype=torch.float64) / channels**0.5).to(dtype).double()
+    bias = torch.randn(7, generator=gen, dtype=torch.float64).to(dtype).double()
+    sizes = spanet_ops.chunk_sizes(channels)
+    expected = reference.spg_aggregate(
+        x.double(), list(torch.split(weight, sizes, dim=1)), [bias, None, None], (0.7, 0.8, 0.9), radius
+    )
+    out = spanet_ops.spg_aggregate(x, weight.to(dtype), bias.to(dtype), radius=radius, algorithm="lowrank")
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+
+
+# --------------------------------------------------------------------------- gradients (fp64)
+
+
+@requires_native
+@pytest.mark.parametrize("size", [(7, 7), (6, 9)])
+def test_gradcheck_spectral_pooling_filter(size):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor([0.7, 0.2, 0.9])
+
+    def fn(x):
+        return spanet_ops.spectral_pooling_filter(x, 2.0, lam, algorithm="lowrank")
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@requires_native
+def test_gradcheck_spg_aggregate():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 6, 7, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight, bias):
+        return spanet_ops.spg_aggregate(x, weight, bias, radius=2.0, algorithm="lowrank")
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+
+
+@requires_native
+def test_gradient_matches_reference_autograd():
+    """fp32 gradient of the native path vs autograd through the reference's torch.fft."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 14, 14, generator=gen, requires_grad=True)
+    grad = torch.randn(2, 3, 14, 14, generator=gen)
+    lam = torch.tensor([0.7, 0.8, 0.9])
+    (g_native,) = torch.autograd.grad(spanet_ops.spectral_pooling_filter(x, 2.0, lam, algorithm="lowrank"), x, grad)
+    (g_ref,) = torch.autograd.grad(reference.spectral_pooling_filter(x, 2.0, lam), x, grad)
+    assert_close(g_native, g_ref, torch.float32)
+
+
+# --------------------------------------------------------------------------- opcheck with the native kernels registered
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_opcheck_lowrank_kernel(dtype):
+    args = _lowrank_inputs(9, 6, 2.0, dtype)
+    torch.library.opcheck(torch.ops.spanet.lowrank_filter_kernel, args)
+
+
+@requires_native
+def test_opcheck_spg_kernel():
+    plan = circular_plan(7, 9, 2.0, torch.float32, "cpu")
+    coeff_weight, _ = plan.lowrank_terms(torch.rand(4))
+    args = (torch.randn(2, 4, 7, 9), torch.randn(2, 3, 7, 9), torch.randn(3, 4), plan.basis.basis_h,
+            plan.basis.basis_w, coeff_weight)
+    torch.library.opcheck(torch.ops.spanet.spg_spectral_kernel, args)
+
+
+@requires_native
+def test_opcheck_circular_fft_kernel():
+    torch.library.opcheck(torch.ops.spanet.circular_fft_filter_kernel, (torch.randn(2, 3, 8, 7),
+                                                                        torch.tensor([0.7, 0.8, 0.9]), 2.0))
+
+
+@requires_native
+def test_opcheck_public_ops_on_native_kernels():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.spanet.spectral_pooling_filter, (x, torch.tensor([0.7, 0.8, 0.9]), 2.0, "lowrank"))
+    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.spanet.spg_aggregate, (x, weight, bias, torch.tensor([0.7, 0.8, 0.9]), 2.0, "lowrank")
+    )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@requires_native
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: (a[0][0], *a[1:]), "planes x \\(N, H, W\\)"),
+        (lambda a: (a[0], a[1][:, :-1], *a[2:]), "basis_h must be \\(2K, H\\)"),
+        (lambda a: (a[0], a[1], a[2].double(), *a[3:]), "basis_w must have the dtype of basis_h"),
+        (lambda a: (*a[:3], a[3][:, :-1], a[4]), "weight must be \\(P, K, L\\)"),
+        (lambda a: (a[0][:5], *a[1:]), "multiple of the mask planes P = 3"),
+        (lambda a: (a[0].to(torch.int32), *a[1:]), "x must be float64, float32, float16 or bfloat16"),
+    ],
+)
+def test_lowrank_kernel_errors_name_the_problem(mutate, message):
+    args = mutate(_lowrank_inputs(8, 8, 2.0, torch.float32))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.spanet.lowrank_filter_kernel(*args)
+
+
+@requires_native
+def test_spg_kernel_errors_name_the_problem():
+    plan = circular_plan(7, 7, 2.0, torch.float32, "cpu")
+    coeff_weight, _ = plan.lowrank_terms(torch.rand(4))
+    x, base = torch.randn(2, 4, 7, 7), torch.randn(2, 3, 7, 7)
+    with pytest.raises(RuntimeError, match="weight must be \\(C_out, C\\) with C = 4"):
+        torch.ops.spanet.spg_spectral_kernel(x, base, torch.randn(3, 5), plan.basis.basis_h, plan.basis.basis_w,
+                                             coeff_weight)
+    with pytest.raises(RuntimeError, match="base must be \\(B, C_out, H, W\\)"):
+        torch.ops.spanet.spg_spectral_kernel(x, base[:, :2], torch.randn(3, 4), plan.basis.basis_h,
+                                             plan.basis.basis_w, coeff_weight)
+
+
+# --------------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@pytest.mark.gpu
+@requires_cuda_device
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [(56, 56), (14, 14), (7, 7), (13, 10), (2, 2), (224, 224)])
+def test_cuda_lowrank_kernel_matches_cpu(size, dtype):
+    x, bh, bw, weight, constant = _lowrank_inputs(*size, 2.0, dtype)
+    out = torch.ops.spanet.lowrank_filter_kernel(*(t.cuda() for t in (x, bh, bw, weight, constant)))
+    expected = algorithms.lowrank_filter(x.double(), bh.double(), bw.double(), weight.double(), constant.double())
+    assert out.is_cuda and out.dtype == dtype
+    assert_close(out.cpu(), expected, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda_device
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_public_ops_match_reference(dtype):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 14, 15, generator=gen, dtype=torch.float64).to(dtype)
+    lam = torch.tensor([0.7, 0.8, 0.9, 0.1, 0.5, 0.3])
+    expected = reference.spectral_pooling_filter(x.double(), 2.0, lam)
+    for algorithm in ("lowrank", "fft"):
+        out = spanet_ops.spectral_pooling_filter(x.cuda(), 2.0, lam.cuda(), algorithm=algorithm)
+        assert_close(out.cpu(), expected, dtype)
+    weight = torch.randn(5, 6, generator=gen, dtype=torch.float64).to(dtype).double()
+    sizes = spanet_ops.chunk_sizes(6)
+    expected = reference.spg_aggregate(x.double(), list(torch.split(weight, sizes, dim=1)), [None] * 3,
+                                       (0.7, 0.8, 0.9), 2.0)
+    out = spanet_ops.spg_aggregate(x.cuda(), weight.to(dtype).cuda(), None, algorithm="lowrank")
+    assert_close(out.cpu(), expected, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda_device
+def test_cuda_kernels_gradcheck_and_opcheck():
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64, device="cuda", requires_grad=True)
+    lam = torch.tensor([0.7, 0.8, 0.9], device="cuda")
+    assert torch.autograd.gradcheck(lambda x: spanet_ops.spectral_pooling_filter(x, 2.0, lam, algorithm="fft"), (x,))
+    torch.library.opcheck(torch.ops.spanet.circular_fft_filter_kernel, (x.detach().float(), lam, 2.0))
+    args = tuple(t.cuda() for t in _lowrank_inputs(9, 6, 2.0, torch.float32))
+    torch.library.opcheck(torch.ops.spanet.lowrank_filter_kernel, args)
+
+
+@pytest.mark.gpu
+@requires_cuda_device
+def test_cuda_kernel_rejects_cpu_and_mixed_devices():
+    x, bh, bw, weight, constant = _lowrank_inputs(8, 8, 2.0, torch.float32)
+    with pytest.raises(RuntimeError, match="basis_h must be on x's device"):
+        torch.ops.spanet.lowrank_filter_kernel(x.cuda(), bh, bw.cuda(), weight.cuda(), constant.cuda())
