@@ -316,7 +316,8 @@ def _spg_backward(ctx, grad):
         grad_x = spectral_pooling_filter_op(back, lam, ctx.radius, ctx.algorithm).to(x.dtype)
     if ctx.needs_input_grad[1]:
         filtered = spectral_pooling_filter_op(x.to(dtype), lam, ctx.radius, ctx.algorithm)
-        grad_w = torch.einsum("bohw,bchw->oc", g, filtered).to(weight.dtype)
+        # Batched over B, so neither map is permuted into a (C, B*H*W) copy.
+        grad_w = torch.bmm(g.flatten(2), filtered.flatten(2).transpose(1, 2)).sum(0).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = g.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b, None, None, None
