@@ -17,10 +17,12 @@ Two layers:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils import flop_counter
 
 from . import algorithms, backends, reference
 from .masks import circular_mask, circular_regions, to_centred
@@ -80,6 +82,26 @@ def _circular_fft_filter_kernel_fake(x, lam, radius):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _outside_autocast(fn):
+    """Run ``fn`` with autocast off on its tensors' device.
+
+    The ops choose their own arithmetic (float32, float64 for float64 input)
+    and return their input's dtype; autocast reaching inside would turn their
+    internal convolutions and products to half precision and mix dtypes in
+    the native kernels.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = next(a.device.type for a in args if isinstance(a, Tensor))
+        if not torch.amp.is_autocast_available(device_type):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _lowrank(x: Tensor, basis, weight: Tensor, constant: Tensor, lead_shape) -> Tensor:
     """Run the low-rank kernel on ``x`` ``(..., H, W)``, mapping its planes onto the mask's."""
     planes, x_lead = algorithms.planes_of(x)
@@ -97,6 +119,7 @@ def _lowrank(x: Tensor, basis, weight: Tensor, constant: Tensor, lead_shape) -> 
 
 
 @torch.library.custom_op("spanet::spectral_mask_filter", mutates_args=())
+@_outside_autocast
 def spectral_mask_filter_op(x: Tensor, mask: Tensor, centered: bool, algorithm: str) -> Tensor:
     """Op form of :func:`spanet_ops.spectral_mask_filter` (all arguments positional)."""
     check_filter_inputs(x, mask, algorithm)
@@ -123,6 +146,7 @@ def _filter_setup(ctx, inputs, output):
     ctx.save_for_backward(mask, x if mask.requires_grad else None)
 
 
+@_outside_autocast
 def _filter_backward(ctx, grad):
     mask, x = ctx.saved_tensors
     grad_x = grad_mask = None
@@ -140,6 +164,7 @@ spectral_mask_filter_op.register_autograd(_filter_backward, setup_context=_filte
 
 
 @torch.library.custom_op("spanet::spectral_mask_grad", mutates_args=())
+@_outside_autocast
 def spectral_mask_grad_op(x: Tensor, grad_output: Tensor, mask: Tensor, centered: bool) -> Tensor:
     """Gradient of ``spectral_mask_filter`` in its mask: ``Re(conj(X) G)`` summed to ``mask``'s shape."""
     check_real_floating(x, "x")
@@ -163,6 +188,7 @@ def _mask_grad_setup(ctx, inputs, output):
     ctx.save_for_backward(x, grad_output)
 
 
+@_outside_autocast
 def _mask_grad_backward(ctx, grad):
     # <h, Re(conj(X) G)> = <x, filter_h(g)> = <g, filter_h(x)>: both gradients are filters with mask h.
     x, grad_output = ctx.saved_tensors
@@ -188,6 +214,7 @@ def _check_spf_inputs(x: Tensor, lam: Tensor, algorithm: str) -> None:
 
 
 @torch.library.custom_op("spanet::spectral_pooling_filter", mutates_args=())
+@_outside_autocast
 def spectral_pooling_filter_op(x: Tensor, lam: Tensor, radius: float, algorithm: str) -> Tensor:
     """Op form of :func:`spanet_ops.spectral_pooling_filter`; ``lam`` float32, 0-d or ``(C,)``."""
     _check_spf_inputs(x, lam, algorithm)
@@ -225,6 +252,7 @@ def _spf_setup(ctx, inputs, output):
     ctx.save_for_backward(lam, x if lam.requires_grad else None)
 
 
+@_outside_autocast
 def _spf_backward(ctx, grad):
     lam, x = ctx.saved_tensors
     grad_x = grad_lam = None
@@ -269,6 +297,7 @@ def _check_spg_inputs(x, weight, bias, lam, algorithm):
 
 
 @torch.library.custom_op("spanet::spg_aggregate", mutates_args=())
+@_outside_autocast
 def spg_aggregate_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lam: Tensor, radius: float, algorithm: str
 ) -> Tensor:
@@ -305,6 +334,7 @@ def _spg_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lam)
 
 
+@_outside_autocast
 def _spg_backward(ctx, grad):
     # ctx = W SPF(x) + b, and SPF is self-adjoint per channel: grad_x = SPF(W^T g).
     x, weight, lam = ctx.saved_tensors
@@ -324,3 +354,17 @@ def _spg_backward(ctx, grad):
 
 
 spg_aggregate_op.register_autograd(_spg_backward, setup_context=_spg_setup)
+
+
+def _spg_aggregate_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``spg_aggregate`` as the flop counter counts the published code: its 1x1 convs.
+
+    The published ``pws`` convs cost ``2 B C_out C H W`` together; the spectral
+    part (FFTs there, the low-rank correction here) is not counted, as SPEC §3's
+    MACs column says. Without a formula the counter would see the op as free.
+    """
+    batch, channels, height, width = x_shape
+    return 2 * batch * weight_shape[0] * channels * height * width
+
+
+flop_counter.register_flop_formula(torch.ops.spanet.spg_aggregate)(_spg_aggregate_flops)

@@ -2,16 +2,17 @@
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
-def test_readme_python_example_runs(index):
-    exec(compile(PYTHON_BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
+def test_readme_python_examples_run_in_order():
+    """The python blocks read as one session: each may use what an earlier one defined."""
+    assert PYTHON_BLOCKS, "README has no python example"
+    namespace = {"__name__": "__readme__"}
+    for index, block in enumerate(PYTHON_BLOCKS):
+        exec(compile(block, f"README.md[python block {index}]", "exec"), namespace)
 
 
 def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
