@@ -165,6 +165,14 @@ def paired_ratio(base: Sequence[float], cand: Sequence[float]) -> Dict[str, floa
 # --------------------------------------------------------------------------- memory
 
 
+def timing_summary(samples: Mapping[str, Sequence[float]], baseline: str = "reference") -> Dict[str, dict]:
+    """JSON-ready ``time_ms`` (stats per candidate) and ``speedup`` (paired ratio over ``baseline``)."""
+    return {
+        "time_ms": {name: Stats.of(s).scaled(1e3) for name, s in samples.items()},
+        "speedup": {name: paired_ratio(samples[baseline], s) for name, s in samples.items() if name != baseline},
+    }
+
+
 def tensor_bytes(tensors) -> int:
     """Total bytes of the distinct storages behind ``tensors`` (None entries skipped)."""
     seen, total = set(), 0

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .measure import Stats, paired_ratio, peak_step_memory, tensor_bytes, time_interleaved
+from .measure import Stats, paired_ratio, peak_step_memory, tensor_bytes, time_interleaved, timing_summary
 from .operators import DTYPES, MODES, StageShape
 
 #: spanet_small and the models of its size (about 25-30 M parameters, 4-5 GMACs) users pick instead.
@@ -170,10 +170,7 @@ def run_modules(
                     "mode": mode,
                     "baseline": "reference",
                     "baseline_dtype": "fp32",
-                    "time_ms": {name: Stats.of(s).scaled(1e3) for name, s in samples.items()},
-                    "speedup": {
-                        name: paired_ratio(samples["reference"], s) for name, s in samples.items() if name != "reference"
-                    },
+                    **timing_summary(samples),
                 }
                 rows.append(row)
                 progress(

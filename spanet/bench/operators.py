@@ -20,7 +20,7 @@ import torch
 import spanet_ops
 from spanet_ops import reference
 
-from .measure import Stats, paired_ratio, time_interleaved
+from .measure import paired_ratio, time_interleaved, timing_summary
 
 #: The SPF radius and balances of the published models.
 SPANET_LAMS = (0.7, 0.8, 0.9)
@@ -181,10 +181,7 @@ def run_operators(
                         "baseline": "reference",
                         "baseline_dtype": "fp32",
                         "auto_algorithm": auto_choice(stage, device),
-                        "time_ms": {name: Stats.of(s).scaled(1e3) for name, s in samples.items()},
-                        "speedup": {
-                            name: paired_ratio(samples["reference"], s) for name, s in samples.items() if name != "reference"
-                        },
+                        **timing_summary(samples),
                         "speedup_vs_fft": {
                             name: paired_ratio(samples["fft"], s)
                             for name, s in samples.items()
