@@ -7,6 +7,7 @@ CUDA tensors when Triton is importable.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -72,8 +73,9 @@ def use_triton(t: Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether :mod:`spanet_ops.triton` imports (Triton present)."""
+    """Whether :mod:`spanet_ops.triton` imports (Triton present); tried once, on first use."""
     try:
         importlib.import_module("spanet_ops.triton")
     except ImportError:
