@@ -55,34 +55,4 @@ LowRankShape check_lowrank_args(const at::Tensor& x, const at::Tensor& basis_h, 
   return s;
 }
 
-SpgShape check_spg_args(const at::Tensor& x, const at::Tensor& base, const at::Tensor& weight,
-                        const at::Tensor& basis_h, const at::Tensor& basis_w, const at::Tensor& coeff_weight) {
-  TORCH_CHECK(x.dim() == 4, "spg_spectral_kernel takes x (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(is_storage_dtype(x.scalar_type()), "x must be float64, float32, float16 or bfloat16, got ",
-              x.scalar_type());
-  SpgShape s{x.size(0), x.size(1), 0, x.size(2), x.size(3), 0, 0};
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == s.channels, "weight must be (C_out, C) with C = ",
-              s.channels, ", got shape ", weight.sizes());
-  TORCH_CHECK(is_storage_dtype(weight.scalar_type()), "weight must be a real floating tensor, got ",
-              weight.scalar_type());
-  TORCH_CHECK(weight.device() == x.device(), "weight must be on x's device ", x.device());
-  s.out_channels = weight.size(0);
-  TORCH_CHECK(base.dim() == 4 && base.size(0) == s.batch && base.size(1) == s.out_channels &&
-                  base.size(2) == s.height && base.size(3) == s.width,
-              "base must be (B, C_out, H, W) = (", s.batch, ", ", s.out_channels, ", ", s.height, ", ", s.width,
-              "), got shape ", base.sizes());
-  TORCH_CHECK(is_storage_dtype(base.scalar_type()), "base must be a real floating tensor, got ",
-              base.scalar_type());
-  TORCH_CHECK(base.device() == x.device(), "base must be on x's device ", x.device());
-  check_bases(basis_h, basis_w, s.height, s.width, x);
-  s.k = basis_h.size(0) / 2;
-  s.l = basis_w.size(0) / 2;
-  check_compute_tensor(coeff_weight, "coeff_weight", basis_h);
-  TORCH_CHECK(coeff_weight.dim() == 3 && coeff_weight.size(0) == s.channels && coeff_weight.size(1) == s.k &&
-                  coeff_weight.size(2) == s.l,
-              "coeff_weight must be (C, K, L) = (", s.channels, ", ", s.k, ", ", s.l, "), got shape ",
-              coeff_weight.sizes());
-  return s;
-}
-
 }  // namespace spanet

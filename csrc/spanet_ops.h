@@ -17,12 +17,6 @@ struct LowRankShape {
 LowRankShape check_lowrank_args(const at::Tensor& x, const at::Tensor& basis_h, const at::Tensor& basis_w,
                                 const at::Tensor& weight, const at::Tensor& constant);
 
-struct SpgShape {
-  int64_t batch, channels, out_channels, height, width, k, l;
-};
-SpgShape check_spg_args(const at::Tensor& x, const at::Tensor& base, const at::Tensor& weight,
-                        const at::Tensor& basis_h, const at::Tensor& basis_w, const at::Tensor& coeff_weight);
-
 // Whether the extension was compiled with its CUDA kernels.
 bool built_with_cuda();
 

@@ -5,6 +5,7 @@ otherwise; plans (:mod:`spanet_ops.plans`) supply masks and bases.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -56,21 +57,126 @@ def lowrank_filter(
     return y.reshape(n, height, width).to(x.dtype)
 
 
-def spg_spectral(
-    x: Tensor, base: Tensor, weight: Tensor, basis_h: Tensor, basis_w: Tensor, coeff_weight: Tensor
-) -> Tensor:
-    """``base`` plus the coefficient-space spectral part of the split-SPG aggregation (SPEC §2).
+def is_channels_last(x: Tensor) -> bool:
+    """Whether the SPG algorithms treat ``x`` ``(B, C, H, W)`` as channels_last (else as NCHW).
 
-    ``x`` ``(B, C, H, W)``, ``base`` ``(B, O, H, W)`` (the dense 1x1 conv with
-    bias), ``weight`` ``(O, C)``, ``coeff_weight`` ``(C, K, L)``: project every
-    input channel on the bins, scale it, mix channels with ``weight``, and
-    synthesise every output channel. Arithmetic in the bases' dtype; the
-    result has ``base``'s dtype.
+    NCHW-contiguous wins a tie (``C == 1`` or ``H == W == 1``); a map that is
+    neither is made NCHW-contiguous by :func:`pixels`.
     """
-    dtype = basis_h.dtype
-    coefficients = _coefficient_scale(analysis(x.to(dtype), basis_h, basis_w), coeff_weight)
-    mixed = torch.einsum("oc,bckl->bokl", weight.to(dtype), coefficients)
-    return (base.to(dtype) + synthesis(mixed, basis_h, basis_w)).to(base.dtype)
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def pixels(x: Tensor, channels_last: bool) -> Tensor:
+    """``x`` ``(B, C, H, W)`` as ``(B, H*W, C)`` (channels_last) or ``(B, C, H*W)``: a view where possible."""
+    batch, channels, height, width = x.shape
+    if channels_last:
+        return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+    return x.reshape(batch, channels, height * width)
+
+
+def from_pixels(x3: Tensor, height: int, width: int, channels_last: bool) -> Tensor:
+    """The inverse of :func:`pixels`: ``(B, C, H, W)`` in the layout ``x3`` came from."""
+    if channels_last:
+        batch, _, channels = x3.shape
+        return x3.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    return x3.reshape(x3.shape[0], x3.shape[1], height, width)
+
+
+def dense_1x1(x3: Tensor, weight: Tensor, channels_last: bool) -> Tensor:
+    """The 1x1 conv ``weight`` ``(O, C)`` of pixels ``x3`` as one GEMM (channels_last) or a batched one."""
+    if channels_last:
+        return torch.matmul(x3, weight.transpose(0, 1))
+    return torch.matmul(weight, x3)
+
+
+def dense_1x1_weight_grad(g3: Tensor, x3: Tensor, channels_last: bool) -> Tensor:
+    """``sum over pixels of g x^T`` ``(O, C)`` for pixels ``g3`` (O channels) and ``x3`` (C channels)."""
+    if channels_last:
+        return torch.mm(g3.reshape(-1, g3.shape[-1]).transpose(0, 1), x3.reshape(-1, x3.shape[-1]))
+    # Batched over B, so neither map is permuted into a (C, B*H*W) copy.
+    return torch.bmm(g3, x3.transpose(1, 2)).sum(0)
+
+
+def project(x3: Tensor, real_basis: Tensor, channels_last: bool) -> Tensor:
+    """Coefficients ``<e_j, x_c>`` ``(B, J, C)`` of pixels ``x3`` on the basis images ``(J, H*W)``."""
+    return torch.matmul(real_basis, x3 if channels_last else x3.transpose(1, 2))
+
+
+def synthesise(
+    out3: Tensor, coefficients: Tensor, real_basis: Tensor, channels_last: bool, inplace: bool = True
+) -> Tensor:
+    """``out3 + sum_j coefficients[:, j] e_j`` for coefficients ``(B, J, O)``: in place, or functional."""
+    batch, basis_size, channels = coefficients.shape
+    if channels_last:
+        images = real_basis.transpose(0, 1).expand(batch, -1, -1)
+        return out3.baddbmm_(images, coefficients) if inplace else torch.baddbmm(out3, images, coefficients)
+    flat = coefficients.transpose(1, 2).reshape(batch * channels, basis_size)
+    planes = out3.view(batch * channels, -1)
+    if inplace:
+        planes.addmm_(flat, real_basis)
+        return out3
+    return torch.addmm(planes, flat, real_basis).view(out3.shape)
+
+
+def spg_lowrank(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    real_basis: Tensor,
+    scale: Tensor,
+    constant: Tensor,
+    inplace: bool = True,
+) -> Tensor:
+    """The split-SPG aggregation ``sum_c W[:, c] SPF_c(x_c) + b`` on the low-rank path (SPEC §2).
+
+    ``x`` ``(B, C, H, W)`` (NCHW or channels_last; the result has the same
+    layout), ``weight`` ``(O, C)``, ``real_basis`` ``(J, H*W)`` and the
+    per-channel ``scale`` ``(J, C)``/``constant`` ``(C,)`` of
+    :meth:`CircularPlan.coefficient_scales`, all in the compute dtype: one
+    GEMM with the weight scaled by ``constant``, and in coefficient space a
+    projection, a per-channel scale, a ``J x C x O`` channel mix and a
+    synthesis added onto it. The bias rides on the constant image (row 0).
+    ``inplace=False`` keeps every step functional (for graph rewriting).
+    """
+    height, width = x.shape[-2:]
+    layout = is_channels_last(x)
+    x3 = pixels(x if layout else x.contiguous(), layout)
+    mixed = torch.matmul(project(x3, real_basis, layout) * scale, weight.transpose(0, 1))
+    if bias is not None:
+        mixed = torch.cat([mixed[:, :1] + bias * math.sqrt(height * width), mixed[:, 1:]], dim=1)
+    out3 = synthesise(dense_1x1(x3, weight * constant, layout), mixed, real_basis, layout, inplace)
+    return from_pixels(out3, height, width, layout)
+
+
+def spg_lowrank_input_grad(
+    grad: Tensor, weight: Tensor, real_basis: Tensor, scale: Tensor, constant: Tensor
+) -> Tensor:
+    """``SPF(W^T g)``, the input gradient of :func:`spg_lowrank` (each channel's filter is self-adjoint).
+
+    The transposed GEMM with the ``constant``-scaled weight, plus ``g``'s
+    projection mixed by ``W^T``, scaled per input channel and synthesised. The
+    result has ``grad``'s layout (NCHW or channels_last).
+    """
+    height, width = grad.shape[-2:]
+    layout = is_channels_last(grad)
+    g3 = pixels(grad if layout else grad.contiguous(), layout)
+    back = dense_1x1(g3, (weight * constant).transpose(0, 1), layout)
+    mixed = torch.matmul(project(g3, real_basis, layout), weight) * scale
+    return from_pixels(synthesise(back, mixed, real_basis, layout), height, width, layout)
+
+
+def spg_lowrank_weight_grad(grad: Tensor, x: Tensor, real_basis: Tensor, scale: Tensor, constant: Tensor) -> Tensor:
+    """``sum over batch and pixels of g SPF(x)^T`` ``(O, C)``, the weight gradient of :func:`spg_lowrank`.
+
+    ``x`` is never filtered: ``constant`` times ``g x^T`` plus the pairing of
+    both projections in coefficient space (the basis is orthonormal).
+    """
+    layout = is_channels_last(x)
+    x3 = pixels(x if layout else x.contiguous(), layout)
+    g3 = pixels(grad.contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format), layout)
+    filtered = project(x3, real_basis, layout) * scale  # (B, J, C)
+    spectral = torch.mm(project(g3, real_basis, layout).flatten(0, 1).transpose(0, 1), filtered.flatten(0, 1))
+    return dense_1x1_weight_grad(g3, x3, layout) * constant + spectral
 
 
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -99,12 +99,3 @@ def circular_fft_filter(x: Tensor, lam: Tensor, radius: float) -> Tensor:
     ``(radius, lam_c)``; otherwise the op's PyTorch default (half mask from the cached plan).
     """
     return torch.ops.spanet.circular_fft_filter_kernel(x, lam, float(radius))
-
-
-def spg_spectral(x: Tensor, base: Tensor, weight: Tensor, basis_h: Tensor, basis_w: Tensor, coeff_weight: Tensor) -> Tensor:
-    """``base`` plus the spectral part of the split-SPG aggregation, with the best kernel present."""
-    if use_triton(x):
-        from .triton import spg_spectral as triton_spg_spectral
-
-        return triton_spg_spectral(x, base, weight, basis_h, basis_w, coeff_weight)
-    return torch.ops.spanet.spg_spectral_kernel(x, base, weight, basis_h, basis_w, coeff_weight)

@@ -3,13 +3,15 @@
 Two layers:
 
 * **Public ops** — ``spanet::spectral_mask_filter``, ``spanet::spectral_mask_grad``,
-  ``spanet::spectral_pooling_filter`` and ``spanet::spg_aggregate``. Each has a
+  ``spanet::spectral_pooling_filter`` and ``spanet::spg_aggregate`` (with its
+  gradients ``spanet::spg_aggregate_input_grad`` and
+  ``spanet::spg_aggregate_weight_grad``). Each has a
   fake kernel (validating with ``torch._check``), a Python implementation that
   validates, fetches the plan and picks the algorithm, and a registered
   autograd whose backward is itself written with these ops (so it traces and
   differentiates again).
 * **Kernel ops** — ``spanet::lowrank_filter_kernel`` and
-  ``spanet::spg_spectral_kernel``: plan tensors in, result out, no autograd.
+  ``spanet::circular_fft_filter_kernel``: plan tensors in, result out, no autograd.
   Their PyTorch implementation is registered as the ``CompositeExplicitAutograd``
   default; the native extension (``csrc/``) registers ``CPU``/``CUDA`` kernels
   for the same ops with ``TORCH_LIBRARY_IMPL``, which the dispatcher prefers.
@@ -44,12 +46,7 @@ _lib = torch.library.Library("spanet", "FRAGMENT")
 _lib.define(
     "lowrank_filter_kernel(Tensor x, Tensor basis_h, Tensor basis_w, Tensor weight, Tensor constant) -> Tensor"
 )
-_lib.define(
-    "spg_spectral_kernel(Tensor x, Tensor base, Tensor weight, Tensor basis_h, Tensor basis_w, "
-    "Tensor coeff_weight) -> Tensor"
-)
 _lib.impl("lowrank_filter_kernel", algorithms.lowrank_filter, "CompositeExplicitAutograd")
-_lib.impl("spg_spectral_kernel", algorithms.spg_spectral, "CompositeExplicitAutograd")
 # The fft algorithm of the published circular mask (x in the compute dtype, lam float32 0-d or
 # (C,)): the native CUDA kernel computes the mask per bin on the fly inside cuFFT's half
 # spectrum; this default builds the half mask from the cached plan.
@@ -69,11 +66,6 @@ _lib.impl("circular_fft_filter_kernel", _circular_fft_filter_default, "Composite
 def _lowrank_filter_kernel_fake(x, basis_h, basis_w, weight, constant):
     torch._check(x.dim() == 3, lambda: "lowrank_filter_kernel takes planes (N, H, W)")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("spanet::spg_spectral_kernel")
-def _spg_spectral_kernel_fake(x, base, weight, basis_h, basis_w, coeff_weight):
-    return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("spanet::circular_fft_filter_kernel")
@@ -296,6 +288,24 @@ def _check_spg_inputs(x, weight, bias, lam, algorithm):
     check_algorithm(algorithm)
 
 
+def _spg_algorithm(x: Tensor, radius: float, algorithm: str, dtype: torch.dtype):
+    """``(algorithm actually run, circular plan or None)`` for the spg ops on maps like ``x``."""
+    if algorithm not in ("auto", "lowrank"):
+        return algorithm, None
+    plan = circular_plan(x.shape[-2], x.shape[-1], radius, dtype, x.device)
+    return (plan.algorithm if algorithm == "auto" else "lowrank"), plan
+
+
+def _spg_output_format(x: Tensor) -> torch.memory_format:
+    # A channels_last map keeps its layout (the low-rank path computes in it without copies).
+    return torch.channels_last if algorithms.is_channels_last(x) else torch.contiguous_format
+
+
+def _empty_map(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+    shape = (like.shape[0], channels, like.shape[2], like.shape[3])
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=_spg_output_format(like))
+
+
 @torch.library.custom_op("spanet::spg_aggregate", mutates_args=())
 @_outside_autocast
 def spg_aggregate_op(
@@ -308,23 +318,19 @@ def spg_aggregate_op(
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     lam = lam.to(x.device)
-    chosen = algorithm
-    if algorithm in ("auto", "lowrank"):
-        plan = circular_plan(x.shape[-2], x.shape[-1], radius, dtype, x.device)
-        chosen = plan.algorithm if algorithm == "auto" else "lowrank"
+    chosen, plan = _spg_algorithm(x, radius, algorithm, dtype)
     if chosen == "lowrank":
-        coeff_weight, constant = plan.lowrank_terms(lam)
-        base = algorithms.conv1x1(x.to(dtype), w * constant[None, :], b)
-        out = backends.spg_spectral(x, base, w, plan.basis.basis_h, plan.basis.basis_w, coeff_weight)
-        return out.to(x.dtype).contiguous()
-    filtered = spectral_pooling_filter_op(x.to(dtype), lam, radius, chosen)
-    return algorithms.conv1x1(filtered, w, b).to(x.dtype).contiguous()
+        scale, constant = plan.coefficient_scales(lam)
+        out = algorithms.spg_lowrank(x.to(dtype), w, b, plan.real_basis, scale, constant)
+    else:
+        out = algorithms.conv1x1(spectral_pooling_filter_op(x.to(dtype), lam, radius, chosen), w, b)
+    return out.to(x.dtype).contiguous(memory_format=_spg_output_format(x))
 
 
 @spg_aggregate_op.register_fake
 def _spg_aggregate_fake(x, weight, bias, lam, radius, algorithm):
     _check_spg_inputs(x, weight, bias, lam, algorithm)
-    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+    return _empty_map(x, weight.shape[0], x.dtype)
 
 
 def _spg_setup(ctx, inputs, output):
@@ -336,24 +342,130 @@ def _spg_setup(ctx, inputs, output):
 
 @_outside_autocast
 def _spg_backward(ctx, grad):
-    # ctx = W SPF(x) + b, and SPF is self-adjoint per channel: grad_x = SPF(W^T g).
+    # ctx = W SPF(x) + b: both gradients are ops of their own (they trace, and differentiate again).
     x, weight, lam = ctx.saved_tensors
-    dtype = compute_dtype(x.dtype)
-    g = grad.to(dtype)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        back = algorithms.conv1x1(g, weight.to(dtype).transpose(0, 1))
-        grad_x = spectral_pooling_filter_op(back, lam, ctx.radius, ctx.algorithm).to(x.dtype)
+        grad_x = spg_input_grad_op(grad, weight, lam, ctx.radius, ctx.algorithm).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        filtered = spectral_pooling_filter_op(x.to(dtype), lam, ctx.radius, ctx.algorithm)
-        # Batched over B, so neither map is permuted into a (C, B*H*W) copy.
-        grad_w = torch.bmm(g.flatten(2), filtered.flatten(2).transpose(1, 2)).sum(0).to(weight.dtype)
+        grad_w = spg_weight_grad_op(grad, x, lam, ctx.radius, ctx.algorithm).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        grad_b = g.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
+        grad_b = grad.to(compute_dtype(grad.dtype)).sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b, None, None, None
 
 
 spg_aggregate_op.register_autograd(_spg_backward, setup_context=_spg_setup)
+
+
+def _check_spg_grad_inputs(grad: Tensor, other: Tensor, other_name: str, lam: Tensor, algorithm: str) -> None:
+    check_real_floating(grad, "grad")
+    torch._check_value(grad.dim() == 4, lambda: f"grad must be (B, C_out, H, W), got shape {tuple(grad.shape)}")
+    check_real_floating(other, other_name)
+    check_algorithm(algorithm)
+    if other_name == "weight":
+        torch._check_value(
+            other.dim() == 2 and other.shape[0] == grad.shape[1],
+            lambda: f"weight must be (C_out, C) with C_out = {grad.shape[1]}, got shape {tuple(other.shape)}",
+        )
+        channels = other.shape[1]
+    else:
+        torch._check_value(
+            other.dim() == 4 and (other.shape[0], *other.shape[2:]) == (grad.shape[0], *grad.shape[2:]),
+            lambda: f"x must be (B, C, H, W) like grad {tuple(grad.shape)}, got shape {tuple(other.shape)}",
+        )
+        channels = other.shape[1]
+    torch._check_value(
+        lam.dim() == 1 and lam.shape[0] == channels,
+        lambda: f"channel lam must be ({channels},), got shape {tuple(lam.shape)}",
+    )
+
+
+@torch.library.custom_op("spanet::spg_aggregate_input_grad", mutates_args=())
+@_outside_autocast
+def spg_input_grad_op(grad: Tensor, weight: Tensor, lam: Tensor, radius: float, algorithm: str) -> Tensor:
+    """``SPF(W^T grad)`` ``(B, C, H, W)``, the input gradient of ``spg_aggregate``, in ``grad``'s dtype."""
+    _check_spg_grad_inputs(grad, weight, "weight", lam, algorithm)
+    check_lam_values(lam, cpu_only=True)
+    dtype = compute_dtype(grad.dtype)
+    g, w, lam = grad.to(dtype), weight.to(dtype), lam.to(grad.device)
+    chosen, plan = _spg_algorithm(grad, radius, algorithm, dtype)
+    if chosen == "lowrank":
+        scale, constant = plan.coefficient_scales(lam)
+        out = algorithms.spg_lowrank_input_grad(g, w, plan.real_basis, scale, constant)
+    else:
+        out = spectral_pooling_filter_op(algorithms.conv1x1(g, w.transpose(0, 1)), lam, radius, chosen)
+    return out.to(grad.dtype).contiguous(memory_format=_spg_output_format(grad))
+
+
+@spg_input_grad_op.register_fake
+def _spg_input_grad_fake(grad, weight, lam, radius, algorithm):
+    _check_spg_grad_inputs(grad, weight, "weight", lam, algorithm)
+    return _empty_map(grad, weight.shape[1], grad.dtype)
+
+
+def _spg_input_grad_setup(ctx, inputs, output):
+    grad, weight, lam, radius, algorithm = inputs
+    ctx.radius, ctx.algorithm = radius, algorithm
+    ctx.save_for_backward(grad, weight, lam)
+
+
+@_outside_autocast
+def _spg_input_grad_backward(ctx, upstream):
+    # out = SPF(W^T g) is linear in g and in W: <u, SPF(W^T g)> = <W SPF(u), g> = <W, g SPF(u)^T>.
+    grad, weight, lam = ctx.saved_tensors
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = spg_aggregate_op(upstream, weight, None, lam, ctx.radius, ctx.algorithm).to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        d_weight = spg_weight_grad_op(grad, upstream, lam, ctx.radius, ctx.algorithm).to(weight.dtype)
+    return d_grad, d_weight, None, None, None
+
+
+spg_input_grad_op.register_autograd(_spg_input_grad_backward, setup_context=_spg_input_grad_setup)
+
+
+@torch.library.custom_op("spanet::spg_aggregate_weight_grad", mutates_args=())
+@_outside_autocast
+def spg_weight_grad_op(grad: Tensor, x: Tensor, lam: Tensor, radius: float, algorithm: str) -> Tensor:
+    """``sum of grad SPF(x)^T`` ``(C_out, C)``, the weight gradient of ``spg_aggregate``, in the compute dtype."""
+    _check_spg_grad_inputs(grad, x, "x", lam, algorithm)
+    check_lam_values(lam, cpu_only=True)
+    dtype = compute_dtype(torch.promote_types(grad.dtype, x.dtype))
+    g, xc, lam = grad.to(dtype), x.to(dtype), lam.to(x.device)
+    chosen, plan = _spg_algorithm(x, radius, algorithm, dtype)
+    if chosen == "lowrank":
+        scale, constant = plan.coefficient_scales(lam)
+        return algorithms.spg_lowrank_weight_grad(g, xc, plan.real_basis, scale, constant)
+    filtered = spectral_pooling_filter_op(xc, lam, radius, chosen)
+    return algorithms.dense_1x1_weight_grad(g.contiguous().flatten(2), filtered.flatten(2), channels_last=False)
+
+
+@spg_weight_grad_op.register_fake
+def _spg_weight_grad_fake(grad, x, lam, radius, algorithm):
+    _check_spg_grad_inputs(grad, x, "x", lam, algorithm)
+    dtype = compute_dtype(torch.promote_types(grad.dtype, x.dtype))
+    return grad.new_empty((grad.shape[1], x.shape[1]), dtype=dtype)
+
+
+def _spg_weight_grad_setup(ctx, inputs, output):
+    grad, x, lam, radius, algorithm = inputs
+    ctx.radius, ctx.algorithm = radius, algorithm
+    ctx.save_for_backward(grad, x, lam)
+
+
+@_outside_autocast
+def _spg_weight_grad_backward(ctx, upstream):
+    # out = sum g SPF(x)^T is linear in g and in x: <U, g SPF(x)^T> = <U SPF(x), g> = <SPF(U^T g), x>.
+    grad, x, lam = ctx.saved_tensors
+    d_grad = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad = spg_aggregate_op(x, upstream, None, lam, ctx.radius, ctx.algorithm).to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        d_x = spg_input_grad_op(grad, upstream, lam, ctx.radius, ctx.algorithm).to(x.dtype)
+    return d_grad, d_x, None, None, None
+
+
+spg_weight_grad_op.register_autograd(_spg_weight_grad_backward, setup_context=_spg_weight_grad_setup)
 
 
 def _spg_aggregate_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:

@@ -29,6 +29,8 @@ from typing import Callable, Hashable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from .masks import circular_mask_values, circular_regions, to_natural
 
@@ -247,6 +249,8 @@ class CircularPlan:
     inside_half: Tensor  # (H, W//2+1) bool, natural layout
     boundary_half: Tensor
     algorithm: str
+    real_basis: Tensor  # (J, H*W) orthonormal real images of the disc's bins; row 0 is the constant image
+    basis_regions: Tensor  # (J,) int64: 0 where the row's bins have d < r, 1 where d == r
 
     def lowrank_terms(self, lam: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-channel ``(weight (C, K, L), constant (C,))`` for float32 ``lam`` (0-d or ``(C,)``)."""
@@ -256,11 +260,56 @@ class CircularPlan:
         weight = ((v_in - v_out)[:, None, None] * self.inside_grid + (v_edge - v_out)[:, None, None] * self.boundary_grid) * scale
         return weight.contiguous(), v_out.contiguous()
 
+    def coefficient_scales(self, lam: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-channel ``(scale (J, C), constant (C,))`` of the filter in the real basis.
+
+        ``SPF(x_c) = constant_c x_c + sum_j scale[j, c] <e_j, x_c> e_j`` with ``e_j``
+        the rows of :attr:`real_basis`; ``lam`` is float32, 0-d or ``(C,)``.
+        """
+        dtype = self.real_basis.dtype
+        v_in, v_edge, v_out = (v.reshape(-1).to(dtype) for v in circular_mask_values(lam))
+        deviation = torch.stack([v_in - v_out, v_edge - v_out])  # (2, C): inside, boundary
+        return deviation[self.basis_regions].contiguous(), v_out.contiguous()
+
     def half_mask(self, lam: Tensor) -> Tensor:
         """Natural-layout half mask ``(C, H, W//2+1)`` (``C`` = 1 for a scalar ``lam``)."""
         dtype = self.basis.basis_h.dtype
         v_in, v_edge, v_out = (v.reshape(-1, 1, 1).to(dtype) for v in circular_mask_values(lam))
         return torch.where(self.inside_half, v_in, torch.where(self.boundary_half, v_edge, v_out))
+
+
+def _disc_real_basis(inside: Tensor, boundary: Tensor) -> Tuple[Tensor, Tensor]:
+    """Orthonormal real images ``(J, H*W)`` (float64) spanning the disc's bins, and each one's region.
+
+    The bins of the disc (natural layout) pair up with their conjugates
+    ``(-k, -l)``: a pair spans ``sqrt(2/HW) cos`` and ``sqrt(2/HW) sin`` of its
+    phase, a self-conjugate bin (zero or Nyquist frequencies) ``cos / sqrt(HW)``.
+    The circular mask is conjugate-symmetric, so a pair shares one region. The
+    constant image comes first: it carries the bias and its gradient.
+    """
+    height, width = inside.shape
+    disc = inside | boundary
+    bins = [(0, 0)] + [(k, l) for k, l in torch.nonzero(disc).tolist() if (k, l) != (0, 0)]
+    rows = torch.arange(height, dtype=torch.int64)[:, None]
+    cols = torch.arange(width, dtype=torch.int64)[None, :]
+    images, regions, seen = [], [], set()
+    for k, l in bins:
+        if (k, l) in seen:
+            continue
+        conjugate = ((-k) % height, (-l) % width)
+        seen.update({(k, l), conjugate})
+        # (k h W + l w H) mod HW in integers keeps the phase exact before the float64 cos/sin.
+        phase = ((k * rows * width + l * cols * height) % (height * width)).to(torch.float64)
+        angle = (phase * (2.0 * math.pi / (height * width))).reshape(-1)
+        region = 0 if bool(inside[k, l]) else 1
+        if conjugate == (k, l):
+            images.append(torch.cos(angle) / math.sqrt(height * width))
+            regions.append(region)
+        else:
+            norm = math.sqrt(2.0 / (height * width))
+            images += [torch.cos(angle) * norm, torch.sin(angle) * norm]
+            regions += [region, region]
+    return torch.stack(images), torch.tensor(regions, dtype=torch.int64)
 
 
 def circular_plan(height: int, width: int, radius: float, dtype: torch.dtype, device) -> CircularPlan:
@@ -281,6 +330,7 @@ def circular_plan(height: int, width: int, radius: float, dtype: torch.dtype, de
         def half(region):
             return region[:, : width // 2 + 1].to(device)
 
+        real_basis, basis_regions = _disc_real_basis(inside, boundary)
         return CircularPlan(
             height,
             width,
@@ -291,9 +341,23 @@ def circular_plan(height: int, width: int, radius: float, dtype: torch.dtype, de
             half(inside),
             half(boundary),
             preferred_algorithm(height, width, len(rows), len(cols), device.type),
+            real_basis.to(device=device, dtype=dtype).contiguous(),
+            basis_regions.to(device),
         )
 
     return _circular_cache.get(key, build)
+
+
+def circular_plan_constants(height: int, width: int, radius: float, dtype: torch.dtype, device) -> CircularPlan:
+    """:func:`circular_plan`, built from real tensors even while tracing.
+
+    Under fake tensors or a proxy tracer (``torch.compile``'s backward graphs,
+    ``torch.export`` decompositions) the plan is geometry only, so it is built
+    outside the tracer and its tensors enter the graph as constants for the
+    traced size.
+    """
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        return circular_plan(int(height), int(width), float(radius), dtype, device)
 
 
 def broadcast_planes(lead_shape: Tuple[int, ...], x_lead: Tuple[int, ...]) -> Optional[int]:

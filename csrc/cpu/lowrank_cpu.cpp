@@ -1,5 +1,5 @@
-// CPU kernels of the spanet kernel ops: the fused low-rank spectral filter and the
-// coefficient-space spectral part of the split-SPG aggregation (SPEC §1 fact 3, §2).
+// CPU kernel of the spanet kernel op lowrank_filter_kernel: the fused low-rank spectral
+// filter (SPEC §1 fact 3).
 //
 // Per plane x (H x W) with the real partial-DFT bases A (2K x H) and B (2L x W):
 //   analysis   G = A x B^T                  (2K x 2L)
@@ -435,78 +435,10 @@ at::Tensor lowrank_filter_cpu(const at::Tensor& x, const at::Tensor& basis_h, co
   return out;
 }
 
-// Analysis and scaling of every (b, c) plane of x into coefficients (B, C, 2K, 2L).
-template <typename scalar_t, typename acc_t>
-void spg_coefficients(const at::Tensor& x, const Geometry<acc_t>& g, const at::Tensor& coeff_weight,
-                      at::Tensor& coeffs) {
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const acc_t* wp = coeff_weight.const_data_ptr<acc_t>();
-  acc_t* zp = coeffs.mutable_data_ptr<acc_t>();
-  const int64_t channels = x.size(1), hw = g.height * g.width, kl = (g.k2 / 2) * (g.l2 / 2);
-  const int64_t zsize = g.k2 * g.l2;
-  const PlaneIO<scalar_t, acc_t> io(g);
-  at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
-    Workspace<acc_t> ws(g);
-    for (int64_t n = begin; n < end; ++n) {
-      if (n + 1 < end) prefetch_plane(xp + (n + 1) * hw, hw);
-      analyse(g, io.input(xp + n * hw, ws), ws);
-      scale(wp + (n % channels) * kl, g, ws);
-      std::copy(ws.grid.begin(), ws.grid.end(), zp + n * zsize);
-    }
-  });
-}
-
-// out = base + A^T M B for every (b, o) plane, M the mixed coefficients (B, O, 2K, 2L).
-template <typename scalar_t, typename acc_t>
-void spg_synthesis(const at::Tensor& base, const Geometry<acc_t>& g, const at::Tensor& mixed, at::Tensor& out) {
-  const scalar_t* bp = base.const_data_ptr<scalar_t>();
-  const acc_t* mp = mixed.const_data_ptr<acc_t>();
-  scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-  const int64_t hw = g.height * g.width, zsize = g.k2 * g.l2;
-  const PlaneIO<scalar_t, acc_t> io(g);
-  at::parallel_for(0, base.size(0) * base.size(1), 1, [&](int64_t begin, int64_t end) {
-    Workspace<acc_t> ws(g);
-    for (int64_t n = begin; n < end; ++n) {
-      if (n + 1 < end) prefetch_plane(bp + (n + 1) * hw, hw);
-      const acc_t* plane = io.input(bp + n * hw, ws);
-      expand(mp + n * zsize, g, ws);
-      io.output(plane, acc_t(1), ws, yp + n * hw);
-    }
-    store_fence();
-  });
-}
-
-at::Tensor spg_spectral_cpu(const at::Tensor& x, const at::Tensor& base, const at::Tensor& weight,
-                            const at::Tensor& basis_h, const at::Tensor& basis_w, const at::Tensor& coeff_weight) {
-  const SpgShape s = check_spg_args(x, base, weight, basis_h, basis_w, coeff_weight);
-  TORCH_CHECK(x.device().is_cpu(), "spg_spectral_kernel (CPU): x must be a CPU tensor");
-  const at::Tensor xc = x.contiguous(), bc = base.contiguous();
-  const at::Tensor bh = basis_h.contiguous(), bw = basis_w.contiguous(), cw = coeff_weight.contiguous();
-  at::Tensor out = at::empty_like(bc, at::MemoryFormat::Contiguous);
-  if (out.numel() == 0) return out;
-  const at::ScalarType acc = bh.scalar_type();
-  at::Tensor coeffs = at::empty({s.batch, s.channels, 2 * s.k, 2 * s.l}, bh.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "spg_spectral_cpu", [&] {
-    using acc_t = scalar_t;
-    const Geometry<acc_t> g(bh, bw);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "spg_coefficients_cpu", [&] {
-      spg_coefficients<scalar_t, acc_t>(xc, g, cw, coeffs);
-    });
-    // Channel mixing in coefficient space: a small (O x C) x (C x 4KL) GEMM per batch element.
-    const at::Tensor mixed =
-        at::matmul(weight.to(acc), coeffs.reshape({s.batch, s.channels, -1})).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bc.scalar_type(), "spg_synthesis_cpu", [&] {
-      spg_synthesis<scalar_t, acc_t>(bc, g, mixed, out);
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spanet, CPU, m) {
   m.impl("lowrank_filter_kernel", &lowrank_filter_cpu);
-  m.impl("spg_spectral_kernel", &spg_spectral_cpu);
 }
 
 }  // namespace spanet

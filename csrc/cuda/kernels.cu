@@ -4,14 +4,11 @@
 //   analysis G = A x B^T, per-bin scaling to Z, synthesis y = c x + A^T Z B, with the bases
 //   and the partial products in shared memory; the plane is read twice (the second read
 //   mostly from L2) and written once.
-// * spanet::spg_spectral_kernel — the spectral part of the split-SPG aggregation: the same
-//   analysis and scaling per input plane, channel mixing as one batched GEMM, and the same
-//   synthesis per output plane on top of base.
 // * spanet::circular_fft_filter_kernel — the fft algorithm of the published circular mask on
 //   cuFFT (through ATen's rfft2/irfft2, which plan-cache cuFFT): the half spectrum is scaled
 //   in place by the mask, computed per bin from (radius, lam_c), so no mask tensor is read.
 //
-// The maths matches spanet_ops/algorithms.py (lowrank_filter, spg_spectral, fft_filter) and
+// The maths matches spanet_ops/algorithms.py (lowrank_filter, fft_filter) and
 // spanet_ops/plans.py (CircularPlan.half_mask). Kernels run on the current stream under a
 // device guard; user errors are TORCH_CHECKs (csrc/checks.cpp). Only c10/cuda headers are used
 // (not ATen/cuda), so the build needs nvcc and the CUDA runtime headers, not the cuBLAS/cuSPARSE ones.
@@ -126,37 +123,6 @@ __global__ void lowrank_filter_cuda_kernel(const scalar_t* __restrict__ x, scala
   synthesise(x + offset, constant[m], y + offset, smem, lay, 2 * k, 2 * l, height, width);
 }
 
-// Coefficients Z (2K x 2L) of every (b, c) plane of x, scaled with channel c's weights.
-template <typename scalar_t, typename acc_t>
-__global__ void spg_coefficients_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ coeffs,
-                                        const acc_t* __restrict__ basis_h, const acc_t* __restrict__ basis_w,
-                                        const acc_t* __restrict__ coeff_weight, int64_t channels, int k, int l,
-                                        int height, int width) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  const PlaneSmem lay(k, l, height, width);
-  const int64_t n = blockIdx.x;
-  load_bases(basis_h, basis_w, smem, lay, 2 * k, 2 * l, height, width);
-  analyse(x + n * height * width, smem, lay, 2 * k, 2 * l, height, width);
-  scale(coeff_weight + (n % channels) * k * l, smem, lay, k, l);
-  for (int i = threadIdx.x; i < 4 * k * l; i += blockDim.x) coeffs[n * 4 * k * l + i] = smem[lay.g + i];
-}
-
-// out = base + A^T M B for every (b, o) plane, M the mixed coefficients.
-template <typename scalar_t, typename acc_t>
-__global__ void spg_synthesis_kernel(const scalar_t* __restrict__ base, const acc_t* __restrict__ mixed,
-                                     scalar_t* __restrict__ out, const acc_t* __restrict__ basis_h,
-                                     const acc_t* __restrict__ basis_w, int k, int l, int height, int width) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  const PlaneSmem lay(k, l, height, width);
-  const int64_t n = blockIdx.x, offset = n * height * width;
-  load_bases(basis_h, basis_w, smem, lay, 2 * k, 2 * l, height, width);
-  for (int i = threadIdx.x; i < 4 * k * l; i += blockDim.x) smem[lay.g + i] = mixed[n * 4 * k * l + i];
-  __syncthreads();
-  synthesise(base + offset, acc_t(1), out + offset, smem, lay, 2 * k, 2 * l, height, width);
-}
-
 // Dynamic shared memory for one plane, or 0 when it exceeds what the device grants a block
 // (the callers then use the ATen composition, which has no such limit).
 template <typename Kernel>
@@ -224,58 +190,6 @@ at::Tensor lowrank_filter_cuda(const at::Tensor& x, const at::Tensor& basis_h, c
   return launched ? out : lowrank_filter_aten(xc, bh, bw, wc, cc, s);
 }
 
-at::Tensor spg_spectral_cuda(const at::Tensor& x, const at::Tensor& base, const at::Tensor& weight,
-                             const at::Tensor& basis_h, const at::Tensor& basis_w, const at::Tensor& coeff_weight) {
-  const SpgShape s = check_spg_args(x, base, weight, basis_h, basis_w, coeff_weight);
-  TORCH_CHECK(x.is_cuda(), "spg_spectral_kernel (CUDA): x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), bc = base.contiguous();
-  const at::Tensor bh = basis_h.contiguous(), bw = basis_w.contiguous(), cw = coeff_weight.contiguous();
-  const at::ScalarType acc = bh.scalar_type();
-  at::Tensor out = at::empty_like(bc, at::MemoryFormat::Contiguous);
-  if (out.numel() == 0) return out;
-  const PlaneSmem lay(s.k, s.l, s.height, s.width);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t zsize = 4 * s.k * s.l;
-  at::Tensor coeffs = at::empty({s.batch, s.channels, 2 * s.k, 2 * s.l}, bh.options());
-  bool fused = true;
-  AT_DISPATCH_FLOATING_TYPES(acc, "spg_spectral_cuda", [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "spg_coefficients_cuda", [&] {
-      auto kernel = spg_coefficients_kernel<scalar_t, acc_t>;
-      const size_t bytes = plane_smem_bytes(kernel, lay, sizeof(acc_t));
-      if (bytes == 0) {
-        fused = false;
-        return;
-      }
-      if (xc.numel() > 0) {
-        kernel<<<s.batch * s.channels, kThreads, bytes, stream>>>(
-            xc.const_data_ptr<scalar_t>(), coeffs.mutable_data_ptr<acc_t>(), bh.const_data_ptr<acc_t>(),
-            bw.const_data_ptr<acc_t>(), cw.const_data_ptr<acc_t>(), s.channels, s.k, s.l, s.height, s.width);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else {
-        coeffs.zero_();
-      }
-    });
-    if (!fused) return;
-    const at::Tensor mixed = at::matmul(weight.to(acc), coeffs.reshape({s.batch, s.channels, zsize})).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bc.scalar_type(), "spg_synthesis_cuda", [&] {
-      auto kernel = spg_synthesis_kernel<scalar_t, acc_t>;
-      const size_t bytes = plane_smem_bytes(kernel, lay, sizeof(acc_t));
-      kernel<<<s.batch * s.out_channels, kThreads, bytes, stream>>>(
-          bc.const_data_ptr<scalar_t>(), mixed.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-          bh.const_data_ptr<acc_t>(), bw.const_data_ptr<acc_t>(), s.k, s.l, s.height, s.width);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  if (fused) return out;
-  // Planes too large for one block's shared memory: the ATen composition (algorithms.spg_spectral).
-  const at::Tensor grid = at::matmul(bh, at::matmul(xc.to(acc), bw.t()));
-  const at::Tensor z = coefficient_scale(grid, cw, s.k, s.l);
-  const at::Tensor mixed = at::einsum("oc,bckl->bokl", {weight.to(acc), z});
-  return (bc.to(acc) + at::matmul(bh.t(), at::matmul(mixed, bw))).to(bc.scalar_type()).contiguous();
-}
-
 // spectrum (N, H, W//2+1) *= the published circular mask of plane n's channel, in place.
 template <typename acc_t>
 __global__ void circular_mask_kernel(c10::complex<acc_t>* __restrict__ spectrum, int64_t total, int height,
@@ -335,7 +249,6 @@ at::Tensor circular_fft_filter_cuda(const at::Tensor& x, const at::Tensor& lam, 
 
 TORCH_LIBRARY_IMPL(spanet, CUDA, m) {
   m.impl("lowrank_filter_kernel", &lowrank_filter_cuda);
-  m.impl("spg_spectral_kernel", &spg_spectral_cuda);
   m.impl("circular_fft_filter_kernel", &circular_fft_filter_cuda);
 }
 

@@ -2,12 +2,13 @@
 
 ``torch.export`` keeps ``spanet::spg_aggregate`` as one custom-op node (it has a
 fake kernel). ONNX has no such operator, so :func:`export_decompositions`
-rewrites the node into standard ATen ops along the low-rank path: the dense
-1x1 conv with the concatenated weight scaled per channel by ``1 - lam``, plus
-the coefficient-space spectral correction (analysis with the partial-DFT
-bases, per-channel scale, channel mix, synthesis). The bases and bin grids
-come from :mod:`spanet_ops`' cached plans and enter the graph as constants
-for the exported input size.
+rewrites the node into standard ATen ops along the low-rank path
+(:func:`spanet_ops.algorithms.spg_lowrank`): the dense 1x1 GEMM with the
+concatenated weight scaled per channel by ``1 - lam``, plus the
+coefficient-space spectral correction (projection on the disc's real basis
+images, per-channel scale, channel mix, synthesis). The basis comes from
+:mod:`spanet_ops`' cached plans and enters the graph as a constant for the
+exported input size.
 """
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from spanet_ops import algorithms
-from spanet_ops.plans import circular_plan
+from spanet_ops.plans import circular_plan_constants
 from spanet_ops.validation import compute_dtype
 
 __all__ = ["export_decompositions", "export_program", "export_onnx"]
@@ -30,14 +29,10 @@ def _spg_aggregate_lowrank(
 ) -> Tensor:
     """``spanet::spg_aggregate`` in ATen ops, on the low-rank path (exact for every ``algorithm``)."""
     dtype = compute_dtype(x.dtype)
-    # The plan is geometry only (bins and bases for this size): build it from real tensors, outside the
-    # tracer, so that its tensors become graph constants.
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():
-        plan = circular_plan(int(x.shape[-2]), int(x.shape[-1]), float(radius), dtype, x.device)
-    w = weight.to(dtype)
-    coeff_weight, constant = plan.lowrank_terms(lam)
-    base = algorithms.conv1x1(x.to(dtype), w * constant[None, :], None if bias is None else bias.to(dtype))
-    out = algorithms.spg_spectral(x, base, w, plan.basis.basis_h, plan.basis.basis_w, coeff_weight)
+    plan = circular_plan_constants(x.shape[-2], x.shape[-1], radius, dtype, x.device)
+    scale, constant = plan.coefficient_scales(lam)
+    bias = None if bias is None else bias.to(dtype)
+    out = algorithms.spg_lowrank(x.to(dtype), weight.to(dtype), bias, plan.real_basis, scale, constant, inplace=False)
     return out.to(x.dtype)
 
 

@@ -27,16 +27,17 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 import spanet_ops
 from spanet_ops import reference as spanet_reference
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, GroupNorm1, Mlp, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import DropPath, GroupNorm1, SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-__all__ = ["SPANet", "SPAM", "SPANetBlock", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
+__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "ConvMlp", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
 
 #: ``torch.arange(0.7, 0.9, 0.1)`` of the published code: float32 0.7, 0.8, 0.9 (exact as Python floats).
 PUBLISHED_LAMS: Tuple[float, ...] = tuple(float(v) for v in torch.arange(0.7, 0.9, 0.1))
@@ -65,6 +66,41 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 conv with ``nn.Conv2d``'s parameters and state dict that runs as one GEMM on channels_last maps.
+
+    On a channels_last input the map is already ``(B, H, W, C)`` in memory, so
+    when autograd records, the conv is ``F.linear`` on that view: one GEMM
+    forward and two backward, faster on the CPU than oneDNN's 1x1 convolution
+    backward at SPANet's shapes (see ``benchmarks/RESULTS.md``). Inference, and
+    any other input, take the ordinary convolution, whose forward is as fast.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, bias: bool = True):
+        super().__init__(in_chs, out_chs, kernel_size=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        records = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if records and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class ConvMlp(nn.Module):
+    """``fc2(drop(act(fc1(x))))`` with 1x1 convs (SPEC §3), in the published layout (``fc1``, ``fc2``)."""
+
+    def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = PointwiseConv(dim, hidden_dim)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = PointwiseConv(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class Scale(nn.Module):
@@ -131,12 +167,12 @@ class SPAM(nn.Module):
         if len(chunk_dims) != len(self.lams):
             raise ValueError(f"dim {dim} does not split into {len(self.lams)} chunks with torch.chunk")
 
-        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.proj_in = PointwiseConv(dim, dim)
         self.conv = nn.Sequential(
             nn.Conv2d(dim, dim, (1, kernel_size), padding=(0, kernel_size // 2), groups=dim),
             nn.Conv2d(dim, dim, (kernel_size, 1), padding=(kernel_size // 2, 0), groups=dim),
         )
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_out = PointwiseConv(dim, dim)
         self.sps = nn.ModuleList([SPF(filter_size, radius, lam) for lam in self.lams])
         self.pws = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in chunk_dims])
         # Per-channel balances, validated once here; not in the state dict (the published layout has none).
@@ -209,7 +245,7 @@ class SPANetBlock(nn.Module):
             dim, kernel_size=kernel_size, radius=radius, filter_size=filter_size, spectral_impl=spectral_impl
         )
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, use_conv=True)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.res_scale1 = Scale(dim, res_scale_init_value) if res_scale_init_value is not None else nn.Identity()
         self.res_scale2 = Scale(dim, res_scale_init_value) if res_scale_init_value is not None else nn.Identity()
@@ -306,7 +342,7 @@ class SPANet(nn.Module):
     def _init_weights(self, m: nn.Module) -> None:
         # As published: truncated normal (std 0.02) and zero bias for the classifier and the MLP convs;
         # the other convs keep PyTorch's default init.
-        if isinstance(m, nn.Linear) or (isinstance(m, Mlp)):
+        if isinstance(m, (nn.Linear, ConvMlp)):
             for layer in (m,) if isinstance(m, nn.Linear) else (m.fc1, m.fc2):
                 trunc_normal_(layer.weight, std=0.02)
                 if layer.bias is not None:

@@ -76,15 +76,14 @@ def test_cuda_objects_built_whenever_toolchain_present():
     archs = info["cuda_archs"].split(",")
     assert archs and all(a[:2].isdigit() for a in archs), info
     assert report["reason"] == "built for " + ", ".join("sm_" + a for a in archs)
-    for op in ("lowrank_filter_kernel", "spg_spectral_kernel", "circular_fft_filter_kernel"):
+    for op in ("lowrank_filter_kernel", "circular_fft_filter_kernel"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spanet::{op}", "CUDA"), op
 
 
 @requires_native
-@pytest.mark.parametrize("op", ["lowrank_filter_kernel", "spg_spectral_kernel"])
-def test_cpu_kernels_registered(op):
+def test_cpu_kernel_registered():
     """The dispatcher holds a CPU kernel (preferred over the Python CompositeExplicitAutograd default)."""
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spanet::{op}", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("spanet::lowrank_filter_kernel", "CPU")
 
 
 def test_backends_reports_reason_for_every_family():
@@ -129,25 +128,6 @@ def test_lowrank_kernel_general_mask_and_noncontiguous_planes():
     torch.testing.assert_close(out, reference.spectral_mask_filter(x, mask), atol=1e-10, rtol=1e-10)
 
 
-@requires_native
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", [(56, 56), (14, 14), (7, 9), (2, 3)])
-def test_spg_kernel_matches_algorithm(size, dtype):
-    gen = torch.Generator().manual_seed(2)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    plan = circular_plan(*size, 2.0, compute, "cpu")
-    coeff_weight, _ = plan.lowrank_terms(torch.rand(6, generator=gen))
-    x = torch.randn(2, 6, *size, generator=gen, dtype=torch.float64).to(dtype)
-    base = torch.randn(2, 5, *size, generator=gen, dtype=compute)
-    weight = torch.randn(5, 6, generator=gen, dtype=compute)
-    bh, bw = plan.basis.basis_h, plan.basis.basis_w
-    out = torch.ops.spanet.spg_spectral_kernel(x, base, weight, bh, bw, coeff_weight)
-    expected = algorithms.spg_spectral(x.double(), base.double(), weight.double(), bh.double(), bw.double(),
-                                       coeff_weight.double())
-    assert out.dtype == compute and out.shape == base.shape
-    assert_close(out, expected, torch.float32 if dtype != torch.float64 else dtype)
-
-
 # --------------------------------------------------------------------------- public operators on the native kernels vs the reference
 
 
@@ -162,26 +142,6 @@ def test_spectral_pooling_filter_matches_reference(size, dtype, algorithm):
     out = spanet_ops.spectral_pooling_filter(x, 2.0, lam, algorithm=algorithm)
     assert out.dtype == dtype
     assert_close(out, reference.spectral_pooling_filter(x.double(), 2.0, lam), dtype)
-
-
-@requires_native
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 12, 14, 14), (1, 9, 7, 7), (2, 6, 9, 13)])
-@pytest.mark.parametrize("radius", [1.0, 2.0])
-def test_spg_aggregate_matches_reference(shape, dtype, radius):
-    gen = torch.Generator().manual_seed(4)
-    channels = shape[1]
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-    # Parameters rounded to the storage dtype, so the reference sees the same values.
-    weight = (torch.randn(7, channels, generator=gen, dtype=torch.float64) / channels**0.5).to(dtype).double()
-    bias = torch.randn(7, generator=gen, dtype=torch.float64).to(dtype).double()
-    sizes = spanet_ops.chunk_sizes(channels)
-    expected = reference.spg_aggregate(
-        x.double(), list(torch.split(weight, sizes, dim=1)), [bias, None, None], (0.7, 0.8, 0.9), radius
-    )
-    out = spanet_ops.spg_aggregate(x, weight.to(dtype), bias.to(dtype), radius=radius, algorithm="lowrank")
-    assert out.dtype == dtype
-    assert_close(out, expected, dtype)
 
 
 # --------------------------------------------------------------------------- gradients (fp64)
@@ -199,19 +159,6 @@ def test_gradcheck_spectral_pooling_filter(size):
 
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
-
-
-@requires_native
-def test_gradcheck_spg_aggregate():
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 6, 7, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    def fn(x, weight, bias):
-        return spanet_ops.spg_aggregate(x, weight, bias, radius=2.0, algorithm="lowrank")
-
-    assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
 
 @requires_native
@@ -237,15 +184,6 @@ def test_opcheck_lowrank_kernel(dtype):
 
 
 @requires_native
-def test_opcheck_spg_kernel():
-    plan = circular_plan(7, 9, 2.0, torch.float32, "cpu")
-    coeff_weight, _ = plan.lowrank_terms(torch.rand(4))
-    args = (torch.randn(2, 4, 7, 9), torch.randn(2, 3, 7, 9), torch.randn(3, 4), plan.basis.basis_h,
-            plan.basis.basis_w, coeff_weight)
-    torch.library.opcheck(torch.ops.spanet.spg_spectral_kernel, args)
-
-
-@requires_native
 def test_opcheck_circular_fft_kernel():
     torch.library.opcheck(torch.ops.spanet.circular_fft_filter_kernel, (torch.randn(2, 3, 8, 7),
                                                                         torch.tensor([0.7, 0.8, 0.9]), 2.0))
@@ -255,11 +193,6 @@ def test_opcheck_circular_fft_kernel():
 def test_opcheck_public_ops_on_native_kernels():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.spanet.spectral_pooling_filter, (x, torch.tensor([0.7, 0.8, 0.9]), 2.0, "lowrank"))
-    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.spanet.spg_aggregate, (x, weight, bias, torch.tensor([0.7, 0.8, 0.9]), 2.0, "lowrank")
-    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -281,19 +214,6 @@ def test_lowrank_kernel_errors_name_the_problem(mutate, message):
     args = mutate(_lowrank_inputs(8, 8, 2.0, torch.float32))
     with pytest.raises(RuntimeError, match=message):
         torch.ops.spanet.lowrank_filter_kernel(*args)
-
-
-@requires_native
-def test_spg_kernel_errors_name_the_problem():
-    plan = circular_plan(7, 7, 2.0, torch.float32, "cpu")
-    coeff_weight, _ = plan.lowrank_terms(torch.rand(4))
-    x, base = torch.randn(2, 4, 7, 7), torch.randn(2, 3, 7, 7)
-    with pytest.raises(RuntimeError, match="weight must be \\(C_out, C\\) with C = 4"):
-        torch.ops.spanet.spg_spectral_kernel(x, base, torch.randn(3, 5), plan.basis.basis_h, plan.basis.basis_w,
-                                             coeff_weight)
-    with pytest.raises(RuntimeError, match="base must be \\(B, C_out, H, W\\)"):
-        torch.ops.spanet.spg_spectral_kernel(x, base[:, :2], torch.randn(3, 4), plan.basis.basis_h,
-                                             plan.basis.basis_w, coeff_weight)
 
 
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)

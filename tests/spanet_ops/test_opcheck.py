@@ -37,6 +37,19 @@ def test_opcheck_spg_aggregate():
     lam = spanet_ops.channel_lams((0.7, 0.8, 0.9), 6)
     opcheck(torch.ops.spanet.spg_aggregate.default, (x, weight, bias, lam, 2.0, "auto"))
     opcheck(torch.ops.spanet.spg_aggregate.default, (x, weight, None, lam, 1.0, "fft"))
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    opcheck(torch.ops.spanet.spg_aggregate.default, (x_cl, weight, bias, lam, 2.0, "lowrank"))
+
+
+@pytest.mark.parametrize("algorithm", ["lowrank", "fft"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_spg_aggregate_gradient_ops(algorithm, layout):
+    grad = torch.randn(2, 5, 7, 8).contiguous(memory_format=layout).requires_grad_()
+    x = torch.randn(2, 6, 7, 8).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(5, 6, requires_grad=True)
+    lam = spanet_ops.channel_lams((0.7, 0.8, 0.9), 6)
+    opcheck(torch.ops.spanet.spg_aggregate_input_grad.default, (grad, weight, lam, 2.0, algorithm))
+    opcheck(torch.ops.spanet.spg_aggregate_weight_grad.default, (grad, x, lam, 2.0, algorithm))
 
 
 def test_opcheck_kernel_ops():

@@ -208,58 +208,13 @@ def test_lowrank_bad_input_names_the_problem():
         st.lowrank_filter(x[:2], basis.basis_h, basis.basis_w[:, :5], weight, constant)
 
 
-# --------------------------------------------------------------------------- spg_spectral
-
-
-def _spg_problem(height, width, radius, channels, out_channels, dtype, seed):
-    lam = torch.linspace(0.65, 0.95, channels)
-    basis, coeff_weight, constant = _spf_terms(height, width, radius, lam)
-    x = _input((2, channels, height, width), dtype, seed=seed)
-    weight = _input((out_channels, channels), torch.float32, seed=seed + 1) / channels**0.5
-    bias = _input((out_channels,), torch.float32, seed=seed + 2)
-    base = algorithms.conv1x1(x.float(), weight * constant[None, :], bias)
-    return lam, basis, coeff_weight, x, weight, bias, base
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("height, width, radius", [(7, 7, 1.0), (5, 9, 2.0), (20, 17, 2.0), (70, 33, 2.0)])
-def test_spg_spectral_is_the_reference_composition(height, width, radius, dtype):
-    """base + spectral part == sum over channels of conv1x1(SPF_{lam_c}(x_c)) + bias (SPEC §2), per-channel lam."""
-    lam, basis, coeff_weight, x, weight, bias, base = _spg_problem(height, width, radius, 5, 6, dtype, seed=10)
-    assert common.unsupported_reason(x, basis.basis_h, basis.basis_w) == ""
-    out = st.spg_spectral(x, base, weight, basis.basis_h, basis.basis_w, coeff_weight)
-    assert out.dtype == base.dtype and out.shape == base.shape and out.is_contiguous()
-    filtered = ref.spectral_pooling_filter(x.double().cpu(), radius, lam)
-    expected = algorithms.conv1x1(filtered, weight.double().cpu(), bias.double().cpu())
-    # The result is float32 (base's dtype): the error is the float32 arithmetic, whatever x's storage.
-    _close(out.cpu(), expected, torch.float32)
-
-
-def test_spg_spectral_matches_pytorch_algorithm_with_half_base():
-    """A bfloat16 base gives a bfloat16 result, as algorithms.spg_spectral does."""
-    _, basis, coeff_weight, x, weight, _, base = _spg_problem(6, 11, 2.0, 4, 3, torch.bfloat16, seed=20)
-    base = base.to(torch.bfloat16)
-    args = (x, base, weight, basis.basis_h, basis.basis_w, coeff_weight)
-    out = st.spg_spectral(*args)
-    assert out.dtype == torch.bfloat16
-    _close(out.cpu(), algorithms.spg_spectral(*args).double().cpu(), torch.bfloat16)
-
-
-def test_spg_spectral_bad_input_names_the_problem():
-    _, basis, coeff_weight, x, weight, _, base = _spg_problem(7, 7, 1.0, 3, 2, torch.float32, seed=30)
-    with pytest.raises(ValueError, match="base must be"):
-        st.spg_spectral(x, base[:, :1], weight, basis.basis_h, basis.basis_w, coeff_weight)
-    with pytest.raises(ValueError, match="coeff_weight must be"):
-        st.spg_spectral(x, base, weight, basis.basis_h, basis.basis_w, coeff_weight[:2])
-
-
 # --------------------------------------------------------------------------- through the public ops
 
 
 @pytest.fixture
 def triton_dispatch(monkeypatch):
     """Route the public ops to the Triton kernels (on CPU: the interpreter) and count the calls."""
-    calls = {"lowrank_filter": 0, "spg_spectral": 0}
+    calls = {"lowrank_filter": 0}
 
     def counting(name):
         kernel = getattr(st, name)
@@ -292,27 +247,6 @@ def test_public_spf_forward_backward_through_triton(triton_dispatch, dtype):
     _close(grad_x.cpu(), x_ref.grad, dtype)
 
 
-def test_public_spg_aggregate_forward_backward_through_triton(triton_dispatch):
-    channels, out_channels, lams = 6, 4, (0.7, 0.8, 0.9)
-    x = _input((2, channels, 9, 7), torch.float32, seed=50).requires_grad_(True)
-    weight = (_input((out_channels, channels), torch.float32, seed=51) / 3).requires_grad_(True)
-    bias = _input((out_channels,), torch.float32, seed=52).requires_grad_(True)
-    grad_out = _input((2, out_channels, 9, 7), torch.float32, seed=53)
-    out = spanet_ops.spg_aggregate(x, weight, bias, lams, 2.0, algorithm="lowrank")
-    grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
-    assert triton_dispatch["spg_spectral"] == 1 and triton_dispatch["lowrank_filter"] >= 1
-
-    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (x, weight, bias)]
-    sizes = spanet_ops.chunk_sizes(channels, len(lams))
-    weights = torch.split(leaves[1], sizes, dim=1)
-    biases = [leaves[2]] + [None] * (len(lams) - 1)  # the summed bias, counted once
-    expected = ref.spg_aggregate(leaves[0], weights, biases, lams, 2.0)
-    expected.backward(grad_out.double().cpu())
-    _close(out.detach().cpu(), expected.detach(), torch.float32)
-    for got, leaf in zip(grads, leaves):
-        _close(got.cpu(), leaf.grad, torch.float32)
-
-
 # --------------------------------------------------------------------------- compiled, on a GPU only
 
 
@@ -327,9 +261,3 @@ def test_stage_shapes_compiled(side, radius, channels, dtype):
     x = _input((2, channels, side, side), dtype, seed=60)
     y = st.lowrank_filter(x.reshape(-1, side, side), basis.basis_h, basis.basis_w, weight, constant)
     _close(y.reshape(x.shape).cpu(), ref.spectral_pooling_filter(x.double().cpu(), radius, lam), dtype)
-
-    w = _input((channels, channels), torch.float32, seed=61) / channels**0.5
-    base = algorithms.conv1x1(x.float(), w * constant[None, :])
-    out = st.spg_spectral(x, base, w, basis.basis_h, basis.basis_w, weight)
-    filtered = ref.spectral_pooling_filter(x.double().cpu(), radius, lam)
-    _close(out.cpu(), algorithms.conv1x1(filtered, w.double().cpu()), torch.float32)
