@@ -403,10 +403,12 @@ def _spg_input_grad_fake(grad, weight, lam, radius, algorithm):
     return _empty_map(grad, weight.shape[1], grad.dtype)
 
 
-def _spg_input_grad_setup(ctx, inputs, output):
-    grad, weight, lam, radius, algorithm = inputs
+def _spg_grad_setup(ctx, inputs, output):
+    # Both gradient ops take (grad, weight or x, lam, radius, algorithm) and are bilinear in their
+    # first two inputs: their own gradients need those two and lam.
+    first, second, lam, radius, algorithm = inputs
     ctx.radius, ctx.algorithm = radius, algorithm
-    ctx.save_for_backward(grad, weight, lam)
+    ctx.save_for_backward(first, second, lam)
 
 
 @_outside_autocast
@@ -421,7 +423,7 @@ def _spg_input_grad_backward(ctx, upstream):
     return d_grad, d_weight, None, None, None
 
 
-spg_input_grad_op.register_autograd(_spg_input_grad_backward, setup_context=_spg_input_grad_setup)
+spg_input_grad_op.register_autograd(_spg_input_grad_backward, setup_context=_spg_grad_setup)
 
 
 @torch.library.custom_op("spanet::spg_aggregate_weight_grad", mutates_args=())
@@ -447,12 +449,6 @@ def _spg_weight_grad_fake(grad, x, lam, radius, algorithm):
     return grad.new_empty((grad.shape[1], x.shape[1]), dtype=dtype)
 
 
-def _spg_weight_grad_setup(ctx, inputs, output):
-    grad, x, lam, radius, algorithm = inputs
-    ctx.radius, ctx.algorithm = radius, algorithm
-    ctx.save_for_backward(grad, x, lam)
-
-
 @_outside_autocast
 def _spg_weight_grad_backward(ctx, upstream):
     # out = sum g SPF(x)^T is linear in g and in x: <U, g SPF(x)^T> = <U SPF(x), g> = <SPF(U^T g), x>.
@@ -465,7 +461,7 @@ def _spg_weight_grad_backward(ctx, upstream):
     return d_grad, d_x, None, None, None
 
 
-spg_weight_grad_op.register_autograd(_spg_weight_grad_backward, setup_context=_spg_weight_grad_setup)
+spg_weight_grad_op.register_autograd(_spg_weight_grad_backward, setup_context=_spg_grad_setup)
 
 
 def _spg_aggregate_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:

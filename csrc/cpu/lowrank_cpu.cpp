@@ -7,8 +7,9 @@
 //   synthesis  y = alpha * src + A^T Z B
 // exactly as spanet_ops/algorithms.py (_coefficient_scale, analysis, synthesis).
 // Each plane is read once from memory (the synthesis re-reads it from L1/L2 for the
-// constant term) and written once; planes whose dtype or width does not suit the vector
-// loops go through a per-thread padded buffer in the compute dtype.
+// constant term) and written once, in address order with streaming stores from the
+// thread's workspace, while the next plane is requested; planes whose dtype or width does
+// not suit the vector loops go through a per-thread padded buffer in the compute dtype.
 // Planes are spread over threads with at::parallel_for (OpenMP); the inner loops work
 // on register blocks of fixed size that the compiler vectorises.
 #include <ATen/ATen.h>
@@ -61,15 +62,35 @@ template <typename acc_t>
 inline void store(acc_t* p, vec_t<acc_t> v) {
   *reinterpret_cast<typename Simd<acc_t>::unaligned*>(p) = v;
 }
+// Every lane a: one broadcast (from memory where a is loaded); the portable `vec_t{} + a`
+// adds 0.0 first, an extra dependent instruction in the inner loops.
 template <typename acc_t>
 inline vec_t<acc_t> splat(acc_t a) {
+#ifdef __AVX__
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return (vec_t<acc_t>)_mm256_set1_ps(a);
+  } else {
+    return (vec_t<acc_t>)_mm256_set1_pd(a);
+  }
+#else
   return vec_t<acc_t>{} + a;
+#endif
 }
+// Sum of a vector's lanes by halving shuffles in registers (a lane-by-lane loop goes through
+// the stack, and its narrow reloads of a wide store stall store-to-load forwarding).
 template <typename acc_t>
 inline acc_t hsum(vec_t<acc_t> v) {
-  acc_t sum = 0;
-  for (int64_t j = 0; j < kLanes<acc_t>; ++j) sum += v[j];
-  return sum;
+  if constexpr (kLanes<acc_t> == 8) {
+    typedef acc_t half_t __attribute__((vector_size(16)));
+    half_t h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    h += __builtin_shufflevector(h, h, 2, 3, 0, 1);
+    h += __builtin_shufflevector(h, h, 1, 0, 3, 2);
+    return h[0];
+  } else {
+    typedef acc_t half_t __attribute__((vector_size(16)));
+    half_t h = __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
+    return h[0] + h[1];
+  }
 }
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -172,13 +193,6 @@ inline void store_fence() {
 #ifdef __AVX__
   _mm_sfence();
 #endif
-}
-
-// Request the next plane while this one is computed, so its memory traffic overlaps the arithmetic.
-template <typename scalar_t>
-inline void prefetch_plane(const scalar_t* src, int64_t count) {
-  const char* bytes = reinterpret_cast<const char*>(src);
-  for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(scalar_t)); i += 64) __builtin_prefetch(bytes + i, 0, 1);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -292,25 +306,35 @@ void expand(const acc_t* z, const Geometry<acc_t>& g, Workspace<acc_t>& ws) {
   }
 }
 
-// A vector of results: a streaming store (no read of the destination line first) or a plain one.
-template <bool Stream, typename acc_t>
-inline void store_out(acc_t* p, vec_t<acc_t> v) {
+// Copy count values (a multiple of the vector width; dst vector-aligned) to dst with
+// streaming stores, in address order: whole cache lines go out without first reading them.
+// The synthesis writes its row blocks to the workspace first, because streaming its strided
+// partial lines straight to memory is several times slower. Meanwhile the same span of the
+// next plane (ahead, if any) is requested line by line, so that its analysis finds it in
+// cache; one request per line written keeps the memory system busy without the stall that
+// a burst of requests for a whole plane causes.
+template <typename acc_t>
+inline void stream_plane(const acc_t* __restrict__ src, acc_t* __restrict__ dst, int64_t count, const char* ahead) {
+  constexpr int64_t kLineValues = 64 / sizeof(acc_t);
+  for (int64_t i = 0; i < count; i += kLanes<acc_t>) {
+    if (ahead != nullptr && i % kLineValues == 0) __builtin_prefetch(ahead + i * sizeof(acc_t), 0, 3);
 #ifdef __AVX__
-  if constexpr (Stream && std::is_same_v<acc_t, float>) {
-    _mm256_stream_ps(p, (__m256)v);
-    return;
-  } else if constexpr (Stream && std::is_same_v<acc_t, double>) {
-    _mm256_stream_pd(p, (__m256d)v);
-    return;
-  }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      _mm256_stream_ps(dst + i, (__m256)load(src + i));
+      continue;
+    } else if constexpr (std::is_same_v<acc_t, double>) {
+      _mm256_stream_pd(dst + i, (__m256d)load(src + i));
+      continue;
+    }
 #endif
-  store(p, v);
+    store(dst + i, load(src + i));
+  }
 }
 
 // dst[h0 + r, w0 : w0 + NV vectors] = alpha * src[...] + sum_u U_A[u, h0 + r] proj[u, ...] for RH
 // rows, with RH x NV vector accumulators in registers. src and dst (stride padded) may be the
 // same buffer: every value is read before any is written.
-template <typename acc_t, int RH, int NV, bool Stream>
+template <typename acc_t, int RH, int NV>
 inline void synthesise_block(const acc_t* src, acc_t* dst, const acc_t* __restrict__ ut,
                              const acc_t* __restrict__ proj, int64_t padded, int64_t rows, acc_t alpha, int64_t h0,
                              int64_t w0) {
@@ -330,28 +354,28 @@ inline void synthesise_block(const acc_t* src, acc_t* dst, const acc_t* __restri
     }
   }
   for (int r = 0; r < RH; ++r)
-    for (int j = 0; j < NV; ++j) store_out<Stream>(dst + offset + r * padded + j * lanes, acc[r][j]);
+    for (int j = 0; j < NV; ++j) store(dst + offset + r * padded + j * lanes, acc[r][j]);
 }
 
-template <typename acc_t, int NV, bool Stream>
+template <typename acc_t, int NV>
 inline void synthesise_columns(const Geometry<acc_t>& g, const Workspace<acc_t>& ws, acc_t alpha, const acc_t* src,
                                acc_t* dst, int64_t w0) {
   const acc_t* ut = g.unique_t.data();
   const acc_t* proj = ws.proj.data();
   int64_t h0 = 0;
   for (; h0 + 4 <= g.height; h0 += 4)
-    synthesise_block<acc_t, 4, NV, Stream>(src, dst, ut, proj, g.padded, g.rows, alpha, h0, w0);
+    synthesise_block<acc_t, 4, NV>(src, dst, ut, proj, g.padded, g.rows, alpha, h0, w0);
   for (; h0 < g.height; ++h0)
-    synthesise_block<acc_t, 1, NV, Stream>(src, dst, ut, proj, g.padded, g.rows, alpha, h0, w0);
+    synthesise_block<acc_t, 1, NV>(src, dst, ut, proj, g.padded, g.rows, alpha, h0, w0);
 }
 
 // dst = alpha * src + A^T Z B (planes H x padded), given proj from expand().
-template <typename acc_t, bool Stream>
+template <typename acc_t>
 void synthesise(const Geometry<acc_t>& g, const Workspace<acc_t>& ws, acc_t alpha, const acc_t* src, acc_t* dst) {
   constexpr int64_t lanes = kLanes<acc_t>;
   int64_t w0 = 0;
-  for (; w0 + 2 * lanes <= g.padded; w0 += 2 * lanes) synthesise_columns<acc_t, 2, Stream>(g, ws, alpha, src, dst, w0);
-  if (w0 < g.padded) synthesise_columns<acc_t, 1, Stream>(g, ws, alpha, src, dst, w0);
+  for (; w0 + 2 * lanes <= g.padded; w0 += 2 * lanes) synthesise_columns<acc_t, 2>(g, ws, alpha, src, dst, w0);
+  if (w0 < g.padded) synthesise_columns<acc_t, 1>(g, ws, alpha, src, dst, w0);
 }
 
 // One plane: analysis of src, optional scaling, expansion, synthesis dst = alpha * base + A^T Z B.
@@ -375,19 +399,21 @@ struct PlaneIO {
     return ws.plane.data();
   }
 
-  // dst = alpha * base + A^T Z B, with base as returned by input().
-  void output(const acc_t* base, acc_t alpha, Workspace<acc_t>& ws, scalar_t* dst) const {
+  // dst = alpha * base + A^T Z B, with base as returned by input(); ahead: the next plane to
+  // request from memory meanwhile, or nullptr.
+  void output(const acc_t* base, acc_t alpha, Workspace<acc_t>& ws, scalar_t* dst, const void* ahead) const {
     if constexpr (kSameType) {
       if (direct) {
         if (reinterpret_cast<uintptr_t>(dst) % sizeof(vec_t<acc_t>) == 0) {
-          synthesise<acc_t, true>(g, ws, alpha, base, dst);
+          synthesise<acc_t>(g, ws, alpha, base, ws.plane.data());
+          stream_plane(ws.plane.data(), dst, g.height * g.width, static_cast<const char*>(ahead));
         } else {
-          synthesise<acc_t, false>(g, ws, alpha, base, dst);
+          synthesise<acc_t>(g, ws, alpha, base, dst);
         }
         return;
       }
     }
-    synthesise<acc_t, false>(g, ws, alpha, base, ws.plane.data());
+    synthesise<acc_t>(g, ws, alpha, base, ws.plane.data());
     store_plane(g, ws, dst);
   }
 };
@@ -406,12 +432,11 @@ void lowrank_planes(const at::Tensor& x, const at::Tensor& basis_h, const at::Te
     Workspace<acc_t> ws(g);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t m = n % planes;  // plane n uses mask plane n % P
-      if (n + 1 < end) prefetch_plane(xp + (n + 1) * hw, hw);
       const acc_t* plane = io.input(xp + n * hw, ws);
       analyse(g, plane, ws);
       scale(wp + m * kl, g, ws);
       expand(ws.grid.data(), g, ws);
-      io.output(plane, cp[m], ws, yp + n * hw);
+      io.output(plane, cp[m], ws, yp + n * hw, n + 2 < end ? xp + (n + 2) * hw : nullptr);
     }
     store_fence();
   });
