@@ -317,7 +317,7 @@ template <typename acc_t>
 inline void stream_plane(const acc_t* __restrict__ src, acc_t* __restrict__ dst, int64_t count, const char* ahead) {
   constexpr int64_t kLineValues = 64 / sizeof(acc_t);
   for (int64_t i = 0; i < count; i += kLanes<acc_t>) {
-    if (ahead != nullptr && i % kLineValues == 0) __builtin_prefetch(ahead + i * sizeof(acc_t), 0, 3);
+    if (ahead != nullptr && i % kLineValues == 0) __builtin_prefetch(ahead + i * sizeof(acc_t), 0, 1);
 #ifdef __AVX__
     if constexpr (std::is_same_v<acc_t, float>) {
       _mm256_stream_ps(dst + i, (__m256)load(src + i));
