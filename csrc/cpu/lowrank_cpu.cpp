@@ -10,6 +10,9 @@
 // constant term) and written once, in address order with streaming stores from the
 // thread's workspace, while the next plane is requested; planes whose dtype or width does
 // not suit the vector loops go through a per-thread padded buffer in the compute dtype.
+// For the row structures of the published discs both passes are folded: a row of A and its
+// mirror h -> H - h share their factors up to the sign (cos even, sin odd), which halves the
+// multiply-adds (see FoldedPasses); other masks take the plain passes.
 // Planes are spread over threads with at::parallel_for (OpenMP); the inner loops work
 // on register blocks of fixed size that the compiler vectorises.
 #include <ATen/ATen.h>
@@ -146,6 +149,7 @@ struct Geometry {
   std::vector<acc_t> row_sign, col_sign;  // (2K), (2L)
   std::vector<acc_t> unique_t;            // (H, rows): U_A transposed, a row's factors contiguous
   std::vector<acc_t> unique_w;            // (cols, padded): U_B with zero columns beyond W
+  int64_t even_rows = -1;                 // U_A's rows are [even_rows even, then odd] in h <-> H-h; -1: not so
 
   Geometry(const at::Tensor& bh, const at::Tensor& bw)
       : height(bh.size(1)), width(bw.size(1)), padded(round_up(bw.size(1), kLanes<acc_t>)), k2(bh.size(0)),
@@ -162,6 +166,28 @@ struct Geometry {
     unique_w.assign(cols * padded, acc_t(0));
     for (int64_t v = 0; v < cols; ++v)
       for (int64_t w = 0; w < width; ++w) unique_w[v * padded + w] = b[ub[v] * width + w];
+    even_rows = row_parity_split();
+  }
+
+  // Rows of the DFT are even (cos) or odd (sin) under h -> H - h (mod H); the bases list their
+  // cos rows first. Returns how many leading rows are even when every later one is odd, else -1.
+  int64_t row_parity_split() const {
+    const acc_t tol = 16 * std::numeric_limits<acc_t>::epsilon();
+    int64_t split = 0;
+    for (int64_t u = 0; u < rows; ++u) {
+      bool even = true, odd = true;
+      for (int64_t h = 0; h < height; ++h) {
+        const acc_t a = unique_t[h * rows + u], b = unique_t[((height - h) % height) * rows + u];
+        even = even && std::abs(a - b) <= tol;
+        odd = odd && std::abs(a + b) <= tol;
+      }
+      if (even && split == u) {
+        ++split;
+      } else if (!odd) {
+        return -1;
+      }
+    }
+    return split;
   }
 };
 
@@ -236,14 +262,136 @@ inline void project_columns(const Geometry<acc_t>& g, const acc_t* x, Workspace<
   for (; u0 < g.rows; ++u0) project_block<acc_t, 1, NV>(x, ut, proj, g.height, g.padded, g.rows, u0, w0);
 }
 
+// The folded passes (rows of U_A even then odd under h -> H - h, R rows of which E even):
+// rows h and H - h share their factors up to the sign, so the analysis sums
+// U[u, h] (x[h] +- x[H - h]) over h <= H/2 and the synthesis forms E = sum over even rows and
+// O = sum over odd rows once for both output rows, h getting E + O and H - h getting E - O.
+// Half the multiply-adds of the plain passes. Odd rows vanish at h = 0 and h = H/2.
+
+// proj[0:R, w0 : w0 + NV vectors] = U_A x, folded: R x NV vector accumulators.
+template <typename acc_t, int R, int E, int NV>
+inline void project_folded(const acc_t* __restrict__ x, const acc_t* __restrict__ ut, acc_t* __restrict__ proj,
+                           int64_t height, int64_t padded, int64_t w0) {
+  constexpr int64_t lanes = kLanes<acc_t>;
+  vec_t<acc_t> acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vec_t<acc_t>{};
+  auto accumulate = [&](int64_t h, const vec_t<acc_t>* sum, const vec_t<acc_t>* diff, bool paired) {
+    for (int i = 0; i < R; ++i) {
+      if (i >= E && !paired) break;
+      const vec_t<acc_t> f = splat(ut[h * R + i]);
+      for (int j = 0; j < NV; ++j) acc[i][j] += f * (i < E ? sum[j] : diff[j]);
+    }
+  };
+  vec_t<acc_t> sum[NV], diff[NV];
+  for (int j = 0; j < NV; ++j) sum[j] = load(x + w0 + j * lanes);
+  accumulate(0, sum, diff, false);
+  const int64_t pairs = (height - 1) / 2;
+  for (int64_t h = 1; h <= pairs; ++h) {
+    for (int j = 0; j < NV; ++j) {
+      const vec_t<acc_t> a = load(x + h * padded + w0 + j * lanes), b = load(x + (height - h) * padded + w0 + j * lanes);
+      sum[j] = a + b;
+      diff[j] = a - b;
+    }
+    accumulate(h, sum, diff, true);
+  }
+  if (height % 2 == 0) {
+    for (int j = 0; j < NV; ++j) sum[j] = load(x + (height / 2) * padded + w0 + j * lanes);
+    accumulate(height / 2, sum, diff, false);
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) store(proj + i * padded + w0 + j * lanes, acc[i][j]);
+}
+
+// dst rows h and its mirror H - h (mirror < 0: none) = alpha * src + (E +- O), columns w0 : w0 + NV
+// vectors. src and dst may be the same buffer: both source rows are read before either is written.
+template <typename acc_t, int R, int E, int NV>
+inline void synthesise_folded(const acc_t* src, acc_t* dst, const acc_t* __restrict__ ut, const acc_t* __restrict__ proj,
+                              int64_t padded, acc_t alpha, int64_t h, int64_t mirror, int64_t w0) {
+  constexpr int64_t lanes = kLanes<acc_t>;
+  vec_t<acc_t> even[NV], odd[NV];
+  for (int j = 0; j < NV; ++j) even[j] = odd[j] = vec_t<acc_t>{};
+  for (int i = 0; i < R; ++i) {
+    const vec_t<acc_t> f = splat(ut[h * R + i]);
+    for (int j = 0; j < NV; ++j) {
+      const vec_t<acc_t> p = load(proj + i * padded + w0 + j * lanes);
+      if (i < E) {
+        even[j] += f * p;
+      } else {
+        odd[j] += f * p;
+      }
+    }
+  }
+  const vec_t<acc_t> scale = splat(alpha);
+  for (int j = 0; j < NV; ++j) {
+    const int64_t at = h * padded + w0 + j * lanes;
+    if (mirror >= 0) {
+      const int64_t at_mirror = mirror * padded + w0 + j * lanes;
+      const vec_t<acc_t> top = scale * load(src + at), bottom = scale * load(src + at_mirror);
+      store(dst + at, top + even[j] + odd[j]);
+      store(dst + at_mirror, bottom + even[j] - odd[j]);
+    } else {
+      store(dst + at, scale * load(src + at) + even[j] + odd[j]);
+    }
+  }
+}
+
+// Both folded passes over a whole plane, for one (R, E); NV = 2 vectors per column block.
+template <typename acc_t, int R, int E>
+struct FoldedPasses {
+  static void project(const acc_t* x, const acc_t* ut, acc_t* proj, int64_t height, int64_t padded) {
+    constexpr int64_t lanes = kLanes<acc_t>;
+    int64_t w0 = 0;
+    for (; w0 + 2 * lanes <= padded; w0 += 2 * lanes) project_folded<acc_t, R, E, 2>(x, ut, proj, height, padded, w0);
+    if (w0 < padded) project_folded<acc_t, R, E, 1>(x, ut, proj, height, padded, w0);
+  }
+
+  static void synthesise(const acc_t* src, acc_t* dst, const acc_t* ut, const acc_t* proj, int64_t height,
+                         int64_t padded, acc_t alpha) {
+    constexpr int64_t lanes = kLanes<acc_t>;
+    for (int64_t h = 0; h <= height / 2; ++h) {
+      const int64_t mirror = (h == 0 || 2 * h == height) ? -1 : height - h;
+      int64_t w0 = 0;
+      for (; w0 + 2 * lanes <= padded; w0 += 2 * lanes)
+        synthesise_folded<acc_t, R, E, 2>(src, dst, ut, proj, padded, alpha, h, mirror, w0);
+      if (w0 < padded) synthesise_folded<acc_t, R, E, 1>(src, dst, ut, proj, padded, alpha, h, mirror, w0);
+    }
+  }
+};
+
+// The folded passes for the row structures of the published discs (r = 2: cos 0..2, sin 1..2;
+// r = 1: cos 0..1, sin 1; r < 1: cos 0), or nullptrs: the plain passes then serve.
+template <typename acc_t>
+struct Folded {
+  void (*project)(const acc_t*, const acc_t*, acc_t*, int64_t, int64_t) = nullptr;
+  void (*synthesise)(const acc_t*, acc_t*, const acc_t*, const acc_t*, int64_t, int64_t, acc_t) = nullptr;
+
+  explicit Folded(const Geometry<acc_t>& g) {
+    if (g.height < 3) return;
+    if (g.rows == 5 && g.even_rows == 3) set<5, 3>();
+    if (g.rows == 3 && g.even_rows == 2) set<3, 2>();
+    if (g.rows == 1 && g.even_rows == 1) set<1, 1>();
+  }
+
+  template <int R, int E>
+  void set() {
+    project = &FoldedPasses<acc_t, R, E>::project;
+    synthesise = &FoldedPasses<acc_t, R, E>::synthesise;
+  }
+};
+
 // Analysis of the plane x (H x padded): proj = U_A x (rows x padded), core = proj U_B^T, then
 // grid = S_A core S_B^T = A x B^T (2K x 2L).
 template <typename acc_t>
-void analyse(const Geometry<acc_t>& g, const acc_t* x, Workspace<acc_t>& ws) {
+void analyse(const Geometry<acc_t>& g, const Folded<acc_t>& folded, const acc_t* x, Workspace<acc_t>& ws) {
   constexpr int64_t lanes = kLanes<acc_t>;
-  int64_t w0 = 0;
-  for (; w0 + 2 * lanes <= g.padded; w0 += 2 * lanes) project_columns<acc_t, 2>(g, x, ws, w0);
-  if (w0 < g.padded) project_columns<acc_t, 1>(g, x, ws, w0);
+  if (folded.project != nullptr) {
+    folded.project(x, g.unique_t.data(), ws.proj.data(), g.height, g.padded);
+  } else {
+    int64_t w0 = 0;
+    for (; w0 + 2 * lanes <= g.padded; w0 += 2 * lanes) project_columns<acc_t, 2>(g, x, ws, w0);
+    if (w0 < g.padded) project_columns<acc_t, 1>(g, x, ws, w0);
+  }
   const acc_t* proj = ws.proj.data();
   const acc_t* ub = g.unique_w.data();
   acc_t* core = ws.core.data();
@@ -371,7 +519,12 @@ inline void synthesise_columns(const Geometry<acc_t>& g, const Workspace<acc_t>&
 
 // dst = alpha * src + A^T Z B (planes H x padded), given proj from expand().
 template <typename acc_t>
-void synthesise(const Geometry<acc_t>& g, const Workspace<acc_t>& ws, acc_t alpha, const acc_t* src, acc_t* dst) {
+void synthesise(const Geometry<acc_t>& g, const Folded<acc_t>& folded, const Workspace<acc_t>& ws, acc_t alpha,
+                const acc_t* src, acc_t* dst) {
+  if (folded.synthesise != nullptr) {
+    folded.synthesise(src, dst, g.unique_t.data(), ws.proj.data(), g.height, g.padded, alpha);
+    return;
+  }
   constexpr int64_t lanes = kLanes<acc_t>;
   int64_t w0 = 0;
   for (; w0 + 2 * lanes <= g.padded; w0 += 2 * lanes) synthesise_columns<acc_t, 2>(g, ws, alpha, src, dst, w0);
@@ -386,9 +539,11 @@ template <typename scalar_t, typename acc_t>
 struct PlaneIO {
   static constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const Geometry<acc_t>& g;
+  const Folded<acc_t> folded;
   bool direct;
 
-  explicit PlaneIO(const Geometry<acc_t>& geometry) : g(geometry), direct(kSameType && g.padded == g.width) {}
+  explicit PlaneIO(const Geometry<acc_t>& geometry)
+      : g(geometry), folded(geometry), direct(kSameType && g.padded == g.width) {}
 
   // The plane as compute-dtype rows of stride padded.
   const acc_t* input(const scalar_t* src, Workspace<acc_t>& ws) const {
@@ -405,15 +560,15 @@ struct PlaneIO {
     if constexpr (kSameType) {
       if (direct) {
         if (reinterpret_cast<uintptr_t>(dst) % sizeof(vec_t<acc_t>) == 0) {
-          synthesise<acc_t>(g, ws, alpha, base, ws.plane.data());
+          synthesise<acc_t>(g, folded, ws, alpha, base, ws.plane.data());
           stream_plane(ws.plane.data(), dst, g.height * g.width, static_cast<const char*>(ahead));
         } else {
-          synthesise<acc_t>(g, ws, alpha, base, dst);
+          synthesise<acc_t>(g, folded, ws, alpha, base, dst);
         }
         return;
       }
     }
-    synthesise<acc_t>(g, ws, alpha, base, ws.plane.data());
+    synthesise<acc_t>(g, folded, ws, alpha, base, ws.plane.data());
     store_plane(g, ws, dst);
   }
 };
@@ -433,7 +588,7 @@ void lowrank_planes(const at::Tensor& x, const at::Tensor& basis_h, const at::Te
     for (int64_t n = begin; n < end; ++n) {
       const int64_t m = n % planes;  // plane n uses mask plane n % P
       const acc_t* plane = io.input(xp + n * hw, ws);
-      analyse(g, plane, ws);
+      analyse(g, io.folded, plane, ws);
       scale(wp + m * kl, g, ws);
       expand(ws.grid.data(), g, ws);
       io.output(plane, cp[m], ws, yp + n * hw, n + 2 < end ? xp + (n + 2) * hw : nullptr);
