@@ -61,13 +61,16 @@ def is_channels_last(x: Tensor) -> bool:
     """Whether the SPG algorithms treat ``x`` ``(B, C, H, W)`` as channels_last (else as NCHW).
 
     NCHW-contiguous wins a tie (``C == 1`` or ``H == W == 1``); a map that is
-    neither is made NCHW-contiguous by :func:`pixels`.
+    neither is treated as NCHW (:func:`pixels` copies it).
     """
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def pixels(x: Tensor, channels_last: bool) -> Tensor:
-    """``x`` ``(B, C, H, W)`` as ``(B, H*W, C)`` (channels_last) or ``(B, C, H*W)``: a view where possible."""
+    """``x`` ``(B, C, H, W)`` as ``(B, H*W, C)`` (channels_last) or ``(B, C, H*W)``.
+
+    A view when ``x`` is laid out that way, else a contiguous copy.
+    """
     batch, channels, height, width = x.shape
     if channels_last:
         return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
@@ -140,7 +143,7 @@ def spg_lowrank(
     """
     height, width = x.shape[-2:]
     layout = is_channels_last(x)
-    x3 = pixels(x if layout else x.contiguous(), layout)
+    x3 = pixels(x, layout)
     mixed = torch.matmul(project(x3, real_basis, layout) * scale, weight.transpose(0, 1))
     if bias is not None:
         mixed = torch.cat([mixed[:, :1] + bias * math.sqrt(height * width), mixed[:, 1:]], dim=1)
@@ -159,7 +162,7 @@ def spg_lowrank_input_grad(
     """
     height, width = grad.shape[-2:]
     layout = is_channels_last(grad)
-    g3 = pixels(grad if layout else grad.contiguous(), layout)
+    g3 = pixels(grad, layout)
     back = dense_1x1(g3, (weight * constant).transpose(0, 1), layout)
     mixed = torch.matmul(project(g3, real_basis, layout), weight) * scale
     return from_pixels(synthesise(back, mixed, real_basis, layout), height, width, layout)
@@ -172,8 +175,7 @@ def spg_lowrank_weight_grad(grad: Tensor, x: Tensor, real_basis: Tensor, scale: 
     both projections in coefficient space (the basis is orthonormal).
     """
     layout = is_channels_last(x)
-    x3 = pixels(x if layout else x.contiguous(), layout)
-    g3 = pixels(grad.contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format), layout)
+    x3, g3 = pixels(x, layout), pixels(grad, layout)
     filtered = project(x3, real_basis, layout) * scale  # (B, J, C)
     spectral = torch.mm(project(g3, real_basis, layout).flatten(0, 1).transpose(0, 1), filtered.flatten(0, 1))
     return dense_1x1_weight_grad(g3, x3, layout) * constant + spectral
