@@ -1,10 +1,14 @@
 """Fast SPANet vs the published-way model, in one process, interleaved (issue 5).
 
-The "reference" side is the same model with ``spectral_impl="reference"``: the
-published per-chunk ``fft2 -> fftshift -> mask -> ifftshift -> ifft2`` and three
-1x1 convs. Both sides share the weights, so every other layer is identical. The
-fast side runs channels_last by default (``--fast-layout``), the reference side
-NCHW as the published code does (``--reference-layout``).
+The "reference" side is, by default (``--reference published``), the tests'
+reference model (``tests/spanet/reference_model.py``): SPEC §2-3 written
+literally in plain PyTorch, the published computation (per-chunk
+``fft2 -> fftshift -> mask -> ifftshift -> ifft2``, three 1x1 convs, plain conv
+MLPs). ``--reference impl`` takes this package's model with
+``spectral_impl="reference"`` instead, which shares every other layer's
+implementation with the fast side. Both sides hold the same weights. The fast
+side runs channels_last by default (``--fast-layout``), the reference side NCHW
+as the published code does (``--reference-layout``).
 
     .venv/bin/python benchmarks/bench_models.py                      # train + infer, spanet_small, B=16, 224
     .venv/bin/python benchmarks/bench_models.py --mode infer --repeats 5 --profile
@@ -16,13 +20,17 @@ both alike; the reported ratio is the median of the per-round ratios.
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import spanet  # noqa: F401  (registers the models)
 import timm
 from spanet.models import set_spectral_impl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.spanet
 
 
 def _train_step(model, optimizer, x, target):
@@ -54,9 +62,14 @@ def bench(args):
     results = {}
     for mode in args.mode:
         fast = timm.create_model(args.model)
-        ref = timm.create_model(args.model)
+        if args.reference == "published":
+            from tests.spanet.reference_model import RefSPANet
+
+            ref = RefSPANet(args.model)
+        else:
+            ref = timm.create_model(args.model)
+            set_spectral_impl(ref, "reference")
         ref.load_state_dict(fast.state_dict())
-        set_spectral_impl(ref, "reference")
         models = {"fast": fast, "reference": ref}
         runs = {}
         for name, model in models.items():
@@ -94,6 +107,8 @@ def main():
     parser.add_argument("--fast-layout", default="channels_last", choices=["channels_last", "nchw"])
     parser.add_argument("--reference-layout", default="nchw", choices=["channels_last", "nchw"],
                         help="the published code runs NCHW")
+    parser.add_argument("--reference", default="published", choices=["published", "impl"],
+                        help="published: the tests' literal reference model; impl: this model, spectral_impl='reference'")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the fast model")
     parser.add_argument("--profile-rows", type=int, default=20)
@@ -104,7 +119,8 @@ def main():
     print(
         f"{args.model}, batch {args.batch}, {args.size}x{args.size}, fp32, CPU "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}, layouts fast={args.fast_layout} reference={args.reference_layout}, "
+        f"torch {torch.__version__}, reference={args.reference}, "
+        f"layouts fast={args.fast_layout} reference={args.reference_layout}, "
         f"{args.repeats} interleaved rounds"
     )
     print("| mode | fast (s) | reference (s) | speedup |")

@@ -88,19 +88,39 @@ class PointwiseConv(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
+#: Hidden-map size above which :class:`ConvMlp` runs in batch slices.
+MLP_SLICE_BYTES = 32 * 1024 * 1024
+
+
 class ConvMlp(nn.Module):
-    """``fc2(drop(act(fc1(x))))`` with 1x1 convs (SPEC §3), in the published layout (``fc1``, ``fc2``)."""
+    """``fc2(drop(act(fc1(x))))`` with 1x1 convs (SPEC §3), in the published layout (``fc1``, ``fc2``).
+
+    The MLP is pointwise per sample, so a batch whose hidden map would exceed
+    ``max_hidden_bytes`` (:data:`MLP_SLICE_BYTES`) runs in batch slices (exactly the same result):
+    glibc maps every allocation above 32 MiB afresh, and the page faults of
+    SPANet's stage-1 hidden maps (51 MB at batch 16) cost more than the
+    layers' arithmetic on the CPU.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, drop: float = 0.0):
         super().__init__()
+        #: Largest hidden map computed in one piece (glibc's ceiling for reusing freed memory).
+        self.max_hidden_bytes: int = MLP_SLICE_BYTES
         self.fc1 = PointwiseConv(dim, hidden_dim)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = PointwiseConv(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _mlp(self, x: Tensor) -> Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden_bytes = x.numel() // x.shape[1] * self.fc1.out_channels * x.element_size()
+        slices = min(x.shape[0], -(-hidden_bytes // self.max_hidden_bytes))
+        if slices <= 1:
+            return self._mlp(x)
+        return torch.cat([self._mlp(part) for part in x.chunk(slices)], dim=0)
 
 
 class Scale(nn.Module):
