@@ -71,7 +71,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str, write_fn) -> None:
+def atomic_write(path: str, write_fn) -> None:
+    """Write ``path`` through ``write_fn(binary_file)`` into a temporary file, fsynced, then renamed over it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -120,7 +121,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str) -> None:
     """
     state = dict(state)
     _check_loadable(state, "state")
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def copy_checkpoint(src: str, dst: str) -> None:
@@ -130,7 +131,7 @@ def copy_checkpoint(src: str, dst: str) -> None:
         with open(src, "rb") as s:
             shutil.copyfileobj(s, f)
 
-    _atomic_write(dst, _copy)
+    atomic_write(dst, _copy)
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:

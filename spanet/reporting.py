@@ -11,8 +11,9 @@ import csv
 import io
 import json
 import os
-import tempfile
 from typing import Any, Dict, List, Sequence
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "METRICS_CSV",
@@ -62,18 +63,7 @@ def progress(total: int, desc: str, enabled: bool):
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(path: str, obj: Any) -> None:
