@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validation import compute_dtype
+
 
 def fft_filter(x: Tensor, half_mask: Tensor) -> Tensor:
     """``irfft2(half_mask * rfft2(x))``: no shifts, no full complex spectrum (SPEC §1 facts 1-2)."""
@@ -179,6 +181,18 @@ def spg_lowrank_weight_grad(grad: Tensor, x: Tensor, real_basis: Tensor, scale: 
     filtered = project(x3, real_basis, layout) * scale  # (B, J, C)
     spectral = torch.mm(project(g3, real_basis, layout).flatten(0, 1).transpose(0, 1), filtered.flatten(0, 1))
     return dense_1x1_weight_grad(g3, x3, layout) * constant + spectral
+
+
+def gelu_with_slope(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """The exact (erf) GELU of ``x`` and its derivative: ``(x Phi(x), Phi(x) + x phi(x))``.
+
+    ``Phi``/``phi`` are the standard normal CDF/density; computed in the
+    compute dtype (float32 for half types), returned in ``x``'s dtype.
+    """
+    xc = x.to(compute_dtype(x.dtype))
+    cdf = 0.5 * (1.0 + torch.erf(xc * math.sqrt(0.5)))
+    slope = cdf + xc * torch.exp(-0.5 * xc * xc) * (1.0 / math.sqrt(2.0 * math.pi))
+    return (xc * cdf).to(x.dtype), slope.to(x.dtype)
 
 
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -20,7 +20,7 @@ Two layers:
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -60,6 +60,17 @@ def _circular_fft_filter_default(x: Tensor, lam: Tensor, radius: float) -> Tenso
 
 
 _lib.impl("circular_fft_filter_kernel", _circular_fft_filter_default, "CompositeExplicitAutograd")
+
+
+# The exact GELU and its derivative in one pass (native CPU kernel: csrc/cpu/gelu_cpu.cpp).
+_lib.define("gelu_slope_kernel(Tensor x) -> (Tensor, Tensor)")
+_lib.impl("gelu_slope_kernel", algorithms.gelu_with_slope, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spanet::gelu_slope_kernel")
+def _gelu_slope_kernel_fake(x):
+    torch._check(x.is_floating_point(), lambda: f"gelu_slope_kernel: x must be floating point, got {x.dtype}")
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.register_fake("spanet::lowrank_filter_kernel")
@@ -476,3 +487,56 @@ def _spg_aggregate_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs)
 
 
 flop_counter.register_flop_formula(torch.ops.spanet.spg_aggregate)(_spg_aggregate_flops)
+
+
+# --------------------------------------------------------------------------- gelu
+
+
+@torch.library.custom_op("spanet::gelu", mutates_args=())
+def gelu_op(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(gelu(x), gelu'(x))``: the exact GELU and the slope its backward multiplies by.
+
+    The slope output is not differentiable (like the indices of ``torch.max``).
+    """
+    check_real_floating(x, "x")
+    return torch.ops.spanet.gelu_slope_kernel(x)
+
+
+@gelu_op.register_fake
+def _gelu_fake(x):
+    check_real_floating(x, "x")
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _gelu_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused slope
+    ctx.save_for_backward(output[1])
+
+
+def _gelu_backward(ctx, grad_value, grad_slope):
+    (slope,) = ctx.saved_tensors
+    return None if grad_value is None else gelu_grad_op(grad_value, slope)
+
+
+@torch.library.custom_op("spanet::gelu_grad", mutates_args=())
+def gelu_grad_op(grad: Tensor, slope: Tensor) -> Tensor:
+    """``grad * slope``: the backward of ``spanet::gelu``, an op so that differentiating it can refuse."""
+    return grad * slope
+
+
+@gelu_grad_op.register_fake
+def _gelu_grad_fake(grad, slope):
+    return grad * slope
+
+
+def _gelu_grad_backward(ctx, upstream):
+    # The slope was saved in place of x, so gelu''(x) is out of reach: refuse rather than drop its term.
+    raise RuntimeError(
+        "spanet::gelu is differentiable once (its backward keeps gelu'(x), not x); "
+        "use torch.nn.functional.gelu for higher-order derivatives"
+    )
+
+
+gelu_grad_op.register_autograd(_gelu_grad_backward)
+gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup)

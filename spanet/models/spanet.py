@@ -32,12 +32,13 @@ from torch import Tensor
 
 import spanet_ops
 from spanet_ops import reference as spanet_reference
+from spanet_ops.backends import native_module
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, GroupNorm1, SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "ConvMlp", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
+__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "ConvMlp", "GELU", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
 
 #: ``torch.arange(0.7, 0.9, 0.1)`` of the published code: float32 0.7, 0.8, 0.9 (exact as Python floats).
 PUBLISHED_LAMS: Tuple[float, ...] = tuple(float(v) for v in torch.arange(0.7, 0.9, 0.1))
@@ -88,6 +89,35 @@ class PointwiseConv(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
+class GELU(nn.GELU):
+    """``nn.GELU`` that, while autograd records on the CPU, saves its slope instead of its input.
+
+    In eager mode on a float32/float64 CPU tensor that requires grad (and with
+    the native kernels built), the forward is :func:`spanet_ops.gelu`: the
+    value and the derivative in one pass, so the backward is one multiply
+    instead of ``gelu_backward``'s erf and exp. That path is differentiable
+    once (a double backward raises). Everywhere else, including under
+    ``torch.compile``, ``torch.export`` and TorchScript, it is ``F.gelu``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and self._saves_slope(x):
+            return spanet_ops.gelu(x)
+        return F.gelu(x, approximate=self.approximate)
+
+    @torch.jit.unused
+    def _saves_slope(self, x: Tensor) -> bool:
+        return (
+            self.approximate == "none"
+            and x.requires_grad
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and native_module() is not None
+            and not torch.compiler.is_compiling()
+        )
+
+
 #: Hidden-map size above which :class:`ConvMlp` runs in batch slices.
 MLP_SLICE_BYTES = 32 * 1024 * 1024
 
@@ -102,7 +132,7 @@ class ConvMlp(nn.Module):
     layers' arithmetic on the CPU.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, drop: float = 0.0):
+    def __init__(self, dim: int, hidden_dim: int, act_layer=GELU, drop: float = 0.0):
         super().__init__()
         #: Largest hidden map computed in one piece (glibc's ceiling for reusing freed memory).
         self.max_hidden_bytes: int = MLP_SLICE_BYTES
@@ -252,7 +282,7 @@ class SPANetBlock(nn.Module):
         radius: float = 2.0,
         filter_size: int = 56,
         mlp_ratio: float = 4.0,
-        act_layer=nn.GELU,
+        act_layer=GELU,
         norm_layer=GroupNorm1,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,

@@ -7,6 +7,7 @@ Tolerances, as ``(dtype, atol, rtol)`` on the logits against the reference model
 | fast model vs reference model, any size | float32 | 1e-4 | 0 |
 | ``spectral_impl`` variants vs reference | float32 | 1e-4 | 0 |
 | grad checkpointing vs plain (outputs, grads) | float32 | 1e-5 | 1e-5 |
+| training gradients vs reference model | float32 | 2e-5 x max abs of each gradient | 1e-4 |
 
 MACs (conv + linear, ``torch.utils.flop_counter``) lie within 1% of SPEC §3.
 """
@@ -153,6 +154,25 @@ def test_spectral_impls_agree(small_pair, impl):
             torch.testing.assert_close(model(x), ref(x), atol=ATOL_FP32, rtol=0)
     finally:
         model.set_spectral_impl("fused")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_training_gradients_match_reference_model(small_pair, memory_format):
+    # The training path: fused spg_aggregate, PointwiseConv's GEMMs (channels_last) and the saved-slope GELU.
+    model, ref = small_pair
+    model, ref = copy.deepcopy(model).train(), copy.deepcopy(ref).train()
+    x = torch.randn(2, 3, 45, 62, generator=torch.Generator().manual_seed(6))
+    grad = torch.randn(2, 1000, generator=torch.Generator().manual_seed(7))
+    x_fast = x.contiguous(memory_format=memory_format).requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    ref_params = dict(ref.named_parameters())
+    got = torch.autograd.grad(model(x_fast), [x_fast, *params.values()], grad)
+    expected = torch.autograd.grad(ref(x_ref), [x_ref, *(ref_params[name] for name in params)], grad)
+    assert len(params) > 100
+    for name, g, e in zip(["input", *params], got, expected):
+        # Relative to each gradient's scale: the paths sum in different orders (GEMM vs conv, low-rank vs FFT).
+        torch.testing.assert_close(g, e, atol=2e-5 * float(e.abs().max()), rtol=1e-4, msg=name)
 
 
 def test_forward_changes_no_module_state(small_pair):
