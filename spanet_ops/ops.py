@@ -73,6 +73,26 @@ def _gelu_slope_kernel_fake(x):
     return torch.empty_like(x), torch.empty_like(x)
 
 
+# Weight and bias gradients of a depthwise (1, k) conv (native CPU kernel: csrc/cpu/depthwise_cpu.cpp).
+_lib.define("depthwise_row_weight_grad_kernel(Tensor grad, Tensor x, Tensor weight, int padding) -> (Tensor, Tensor)")
+
+
+def _depthwise_row_weight_grad_default(grad: Tensor, x: Tensor, weight: Tensor, padding: int):
+    channels = x.shape[1]
+    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad, x, weight, [channels], [1, 1], [0, padding], [1, 1], False, [0, 0], channels, [False, True, True]
+    )
+    return grad_weight, grad_bias
+
+
+_lib.impl("depthwise_row_weight_grad_kernel", _depthwise_row_weight_grad_default, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spanet::depthwise_row_weight_grad_kernel")
+def _depthwise_row_weight_grad_kernel_fake(grad, x, weight, padding):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(weight.shape[0])
+
+
 @torch.library.register_fake("spanet::lowrank_filter_kernel")
 def _lowrank_filter_kernel_fake(x, basis_h, basis_w, weight, constant):
     torch._check(x.dim() == 3, lambda: "lowrank_filter_kernel takes planes (N, H, W)")
@@ -540,3 +560,70 @@ def _gelu_grad_backward(ctx, upstream):
 
 gelu_grad_op.register_autograd(_gelu_grad_backward)
 gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+
+
+# --------------------------------------------------------------------------- depthwise_row_conv
+
+
+def _check_depthwise_row(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -> None:
+    check_real_floating(x, "x")
+    torch._check_value(x.dim() == 4, lambda: f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    torch._check_value(
+        weight.dim() == 4 and weight.shape[0] == channels and weight.shape[1] == 1 and weight.shape[2] == 1,
+        lambda: f"weight must be (C, 1, 1, k) with C = {channels}, got shape {tuple(weight.shape)}",
+    )
+    torch._check_value(
+        bias is None or tuple(bias.shape) == (channels,),
+        lambda: f"bias must be ({channels},), got shape {None if bias is None else tuple(bias.shape)}",
+    )
+    torch._check_value(0 <= padding < weight.shape[3], lambda: f"padding must be in [0, k), got {padding}")
+    torch._check_value(
+        x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype),
+        lambda: f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
+        f"{None if bias is None else bias.dtype}",
+    )
+
+
+def _depthwise_row_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -> Tensor:
+    return torch.nn.functional.conv2d(x, weight, bias, 1, (0, padding), 1, x.shape[1])
+
+
+@torch.library.custom_op("spanet::depthwise_row_conv", mutates_args=())
+def depthwise_row_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -> Tensor:
+    """A depthwise ``(1, k)`` convolution (stride 1, padding ``(0, padding)``) with a fast weight gradient.
+
+    The forward and the input gradient are PyTorch's convolution; the weight
+    and bias gradients are ``spanet::depthwise_row_weight_grad_kernel``.
+    """
+    _check_depthwise_row(x, weight, bias, padding)
+    return _depthwise_row_forward(x, weight, bias, padding)
+
+
+@depthwise_row_conv_op.register_fake
+def _depthwise_row_conv_fake(x, weight, bias, padding):
+    _check_depthwise_row(x, weight, bias, padding)
+    return _depthwise_row_forward(x, weight, bias, padding)
+
+
+def _depthwise_row_setup(ctx, inputs, output):
+    x, weight, bias, padding = inputs
+    ctx.padding, ctx.has_bias = padding, bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _depthwise_row_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    channels = x.shape[1]
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, x, weight, [channels], [1, 1], [0, ctx.padding], [1, 1], False, [0, 0], channels,
+            [True, False, False],
+        )[0]
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_weight, grad_bias = torch.ops.spanet.depthwise_row_weight_grad_kernel(grad, x, weight, ctx.padding)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
+
+
+depthwise_row_conv_op.register_autograd(_depthwise_row_backward, setup_context=_depthwise_row_setup)

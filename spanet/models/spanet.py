@@ -38,7 +38,7 @@ from timm.layers import DropPath, GroupNorm1, SelectAdaptivePool2d, trunc_normal
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "ConvMlp", "GELU", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
+__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "RowDepthwiseConv", "ConvMlp", "GELU", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
 
 #: ``torch.arange(0.7, 0.9, 0.1)`` of the published code: float32 0.7, 0.8, 0.9 (exact as Python floats).
 PUBLISHED_LAMS: Tuple[float, ...] = tuple(float(v) for v in torch.arange(0.7, 0.9, 0.1))
@@ -89,6 +89,45 @@ class PointwiseConv(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
+def _eager_cpu_training(x: Tensor, records: bool) -> bool:
+    """Whether autograd ``records`` on ``x``, a float32/float64 CPU tensor, in eager mode with the native kernels."""
+    return (
+        records
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and native_module() is not None
+        and not torch.compiler.is_compiling()
+    )
+
+
+class RowDepthwiseConv(nn.Conv2d):
+    """SPAM's depthwise ``(1, k)`` conv, with ``nn.Conv2d``'s parameters and state dict.
+
+    While autograd records on a channels_last CPU map in eager mode (native
+    kernels built), it runs as ``spanet::depthwise_row_conv``: the same forward
+    and input gradient, and a one-pass weight gradient in place of oneDNN's,
+    which is several times slower for ``(1, k)`` than for ``(k, 1)`` kernels
+    (see ``benchmarks/RESULTS.md``). Everywhere else it is the ordinary convolution.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, (1, kernel_size), padding=(0, kernel_size // 2), groups=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and self._fast_weight_grad(x):
+            return torch.ops.spanet.depthwise_row_conv(x, self.weight, self.bias, self.padding[1])
+        return self._conv_forward(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _fast_weight_grad(self, x: Tensor) -> bool:
+        return (
+            _eager_cpu_training(x, self.weight.requires_grad)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        )
+
+
 class GELU(nn.GELU):
     """``nn.GELU`` that, while autograd records on the CPU, saves its slope instead of its input.
 
@@ -107,15 +146,7 @@ class GELU(nn.GELU):
 
     @torch.jit.unused
     def _saves_slope(self, x: Tensor) -> bool:
-        return (
-            self.approximate == "none"
-            and x.requires_grad
-            and torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and native_module() is not None
-            and not torch.compiler.is_compiling()
-        )
+        return self.approximate == "none" and _eager_cpu_training(x, x.requires_grad)
 
 
 #: Hidden-map size above which :class:`ConvMlp` runs in batch slices.
@@ -219,7 +250,7 @@ class SPAM(nn.Module):
 
         self.proj_in = PointwiseConv(dim, dim)
         self.conv = nn.Sequential(
-            nn.Conv2d(dim, dim, (1, kernel_size), padding=(0, kernel_size // 2), groups=dim),
+            RowDepthwiseConv(dim, kernel_size),
             nn.Conv2d(dim, dim, (kernel_size, 1), padding=(kernel_size // 2, 0), groups=dim),
         )
         self.proj_out = PointwiseConv(dim, dim)
