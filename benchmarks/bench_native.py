@@ -11,7 +11,10 @@ Cases (fp32, batch 32):
 * ``spg_aggregate`` forward+backward at (32, 64, 56, 56) radius 2 and
   (32, 320, 14, 14) radius 1 (the model's stages 1 and 3): the published
   per-chunk composition against the fused op (target: at least 3x); NCHW as
-  published, and channels_last (the models' CPU layout) on both sides.
+  published, and channels_last (the models' CPU layout) on both sides. A third
+  row times the three dense GEMMs alone (forward, input and weight gradients):
+  the floor of any exact implementation on PyTorch's GEMM, so its ratio is the
+  best the fused op could reach on this machine.
 
 Two ways to run, both measuring every side of a ratio in the same process:
 
@@ -30,7 +33,7 @@ import pytest
 import torch
 
 import spanet_ops
-from spanet_ops import reference
+from spanet_ops import algorithms, reference
 from spanet_ops.plans import circular_plan
 
 BATCH = 32
@@ -106,6 +109,17 @@ def spg_candidates(shape, radius, device, memory_format=torch.contiguous_format)
     def fused():
         return spanet_ops.spg_aggregate(x, weight, bias, LAMS, radius)
 
+    layout = algorithms.is_channels_last(x)
+
+    def gemm_floor():
+        # The three dense GEMMs that any exact implementation on PyTorch's GEMM runs (forward,
+        # input gradient, weight gradient), with nothing spectral: the best time the fused op could reach.
+        x3, g3 = algorithms.pixels(x.detach(), layout), algorithms.pixels(grad, layout)
+        algorithms.dense_1x1(x3, weight.detach(), layout)
+        algorithms.dense_1x1(g3, weight.detach().transpose(0, 1), layout)
+        algorithms.dense_1x1_weight_grad(g3, x3, layout)
+        _sync(device)
+
     def make(fn):
         def run():
             x.grad = weight.grad = bias.grad = None
@@ -114,7 +128,7 @@ def spg_candidates(shape, radius, device, memory_format=torch.contiguous_format)
 
         return run
 
-    return {"reference": make(ref), "fused": make(fused)}
+    return {"reference": make(ref), "fused": make(fused), "dense GEMMs alone (floor)": gemm_floor}
 
 
 def _cases(device):
