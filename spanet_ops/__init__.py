@@ -7,7 +7,6 @@ Public API:
 * :func:`circular_mask` — the published circular mask at any size.
 * :func:`spectral_pooling_filter` — the published SPF, no mask to build.
 * :func:`spg_aggregate` — SPAM's fused split-SPG aggregation.
-* :func:`gelu` — the exact GELU with a one-multiply backward (the models' MLPs).
 * :mod:`spanet_ops.reference` — paper-literal implementations.
 * :func:`backends` — which kernels are present, and why any is absent.
 
@@ -16,7 +15,7 @@ The operators are ``torch.library`` custom ops in the ``spanet`` namespace
 work under ``torch.compile`` and ``torch.export``.
 """
 from . import reference
-from .api import channel_lams, chunk_sizes, gelu, spectral_mask_filter, spectral_pooling_filter, spg_aggregate
+from .api import channel_lams, chunk_sizes, spectral_mask_filter, spectral_pooling_filter, spg_aggregate
 from .backends import backends
 from .masks import circular_mask
 from .plans import clear_plan_caches
@@ -31,7 +30,6 @@ __all__ = [
     "chunk_sizes",
     "circular_mask",
     "clear_plan_caches",
-    "gelu",
     "reference",
     "spectral_mask_filter",
     "spectral_pooling_filter",

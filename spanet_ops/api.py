@@ -134,19 +134,3 @@ def spg_aggregate(
         raise ValueError("spg_aggregate's balances are fixed (not differentiable); pass a tensor without grad")
     return ops.spg_aggregate_op(x, weight, bias, lam_c, float(radius), algorithm)
 
-
-def gelu(x: Tensor) -> Tensor:
-    """The exact (erf) GELU, ``x * Phi(x)``, whose backward is one multiply by a slope saved in the forward.
-
-    Same values as ``torch.nn.functional.gelu(x)`` (to float32 rounding: the
-    native CPU kernel evaluates erf as PyTorch's vectorised GELU does). The
-    forward writes ``gelu(x)`` and ``gelu'(x)`` in one pass and saves the
-    latter in place of ``x``, so the backward skips ``gelu_backward``'s
-    re-evaluation of erf and exp. Differentiable once: a double backward
-    raises (use ``torch.nn.functional.gelu`` for higher-order derivatives).
-
-    Args:
-        x: real floating tensor of any shape and strides; a dense layout
-            (e.g. channels_last) is kept.
-    """
-    return ops.gelu_op(x)[0]

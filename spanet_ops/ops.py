@@ -509,57 +509,126 @@ def _spg_aggregate_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs)
 flop_counter.register_flop_formula(torch.ops.spanet.spg_aggregate)(_spg_aggregate_flops)
 
 
-# --------------------------------------------------------------------------- gelu
+# --------------------------------------------------------------------------- pointwise_mlp
 
 
-@torch.library.custom_op("spanet::gelu", mutates_args=())
-def gelu_op(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(gelu(x), gelu'(x))``: the exact GELU and the slope its backward multiplies by.
-
-    The slope output is not differentiable (like the indices of ``torch.max``).
-    """
+def _check_pointwise_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor):
     check_real_floating(x, "x")
-    return torch.ops.spanet.gelu_slope_kernel(x)
-
-
-@gelu_op.register_fake
-def _gelu_fake(x):
-    check_real_floating(x, "x")
-    return torch.empty_like(x), torch.empty_like(x)
-
-
-def _gelu_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused slope
-    ctx.save_for_backward(output[1])
-
-
-def _gelu_backward(ctx, grad_value, grad_slope):
-    (slope,) = ctx.saved_tensors
-    return None if grad_value is None else gelu_grad_op(grad_value, slope)
-
-
-@torch.library.custom_op("spanet::gelu_grad", mutates_args=())
-def gelu_grad_op(grad: Tensor, slope: Tensor) -> Tensor:
-    """``grad * slope``: the backward of ``spanet::gelu``, an op so that differentiating it can refuse."""
-    return grad * slope
-
-
-@gelu_grad_op.register_fake
-def _gelu_grad_fake(grad, slope):
-    return grad * slope
-
-
-def _gelu_grad_backward(ctx, upstream):
-    # The slope was saved in place of x, so gelu''(x) is out of reach: refuse rather than drop its term.
-    raise RuntimeError(
-        "spanet::gelu is differentiable once (its backward keeps gelu'(x), not x); "
-        "use torch.nn.functional.gelu for higher-order derivatives"
+    torch._check_value(x.dim() == 2, lambda: f"x must be pixels (N, C), got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    torch._check_value(
+        fc1_weight.dim() == 2 and fc1_weight.shape[1] == channels,
+        lambda: f"fc1_weight must be (hidden, {channels}), got shape {tuple(fc1_weight.shape)}",
+    )
+    hidden = fc1_weight.shape[0]
+    torch._check_value(
+        tuple(fc1_bias.shape) == (hidden,), lambda: f"fc1_bias must be ({hidden},), got shape {tuple(fc1_bias.shape)}"
+    )
+    torch._check_value(
+        fc2_weight.dim() == 2 and fc2_weight.shape[1] == hidden,
+        lambda: f"fc2_weight must be (out, {hidden}), got shape {tuple(fc2_weight.shape)}",
+    )
+    torch._check_value(
+        tuple(fc2_bias.shape) == (fc2_weight.shape[0],),
+        lambda: f"fc2_bias must be ({fc2_weight.shape[0]},), got shape {tuple(fc2_bias.shape)}",
+    )
+    torch._check_value(
+        all(t.dtype == x.dtype for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)),
+        lambda: "x and the MLP's weights and biases must share a dtype",
     )
 
 
-gelu_grad_op.register_autograd(_gelu_grad_backward)
-gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+@torch.library.custom_op("spanet::pointwise_mlp", mutates_args=())
+def pointwise_mlp_op(
+    x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``fc2(gelu(fc1(x)))`` on pixels ``x`` ``(N, C)`` (exact GELU), with the activation and its slope.
+
+    Returns ``(out, gelu(h), gelu'(h))`` for ``h = fc1(x)``; only ``out`` is
+    differentiable, the other two are what the backward keeps (in place of
+    ``h``). The forward writes the activation and its slope in one pass
+    (``spanet::gelu_slope_kernel``); the backward scales the activation's
+    gradient by the slope in place instead of re-evaluating erf and exp in
+    ``gelu_backward``. With ``create_graph=True`` the backward recomputes ``h``
+    and differentiates the plain layers instead, so higher derivatives are exact.
+    """
+    _check_pointwise_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    activation, slope = torch.ops.spanet.gelu_slope_kernel(torch.addmm(fc1_bias, x, fc1_weight.t()))
+    return torch.addmm(fc2_bias, activation, fc2_weight.t()), activation, slope
+
+
+@pointwise_mlp_op.register_fake
+def _pointwise_mlp_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    _check_pointwise_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    hidden = x.new_empty((x.shape[0], fc1_weight.shape[0]))
+    return x.new_empty((x.shape[0], fc2_weight.shape[0])), hidden, torch.empty_like(hidden)
+
+
+def _pointwise_mlp_setup(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, _ = inputs
+    _, activation, slope = output
+    ctx.mark_non_differentiable(activation, slope)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the two saved outputs
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, activation, slope)
+
+
+def _pointwise_mlp_backward(ctx, grad, grad_activation, grad_slope):
+    x, fc1_weight, fc1_bias, fc2_weight, activation, slope = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph: gelu'' needs h, which is not kept, so recompute h and differentiate the plain layers.
+        hidden = torch.addmm(fc1_bias, x, fc1_weight.t())
+        grad_hidden = torch.ops.aten.gelu_backward(torch.mm(grad, fc2_weight), hidden)
+        grads = (
+            torch.mm(grad_hidden, fc1_weight),
+            torch.mm(grad_hidden.t(), x),
+            grad_hidden.sum(0),
+            torch.mm(grad.t(), torch.nn.functional.gelu(hidden)),
+            grad.sum(0),
+        )
+    else:
+        grads = pointwise_mlp_backward_op(grad, x, fc1_weight, fc2_weight, activation, slope)
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+
+@torch.library.custom_op("spanet::pointwise_mlp_backward", mutates_args=())
+def pointwise_mlp_backward_op(
+    grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, activation: Tensor, slope: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` of ``spanet::pointwise_mlp``."""
+    grad_hidden = torch.mm(grad, fc2_weight).mul_(slope)  # a fresh product: scaled in place
+    return (
+        torch.mm(grad_hidden, fc1_weight),
+        torch.mm(grad_hidden.t(), x),
+        grad_hidden.sum(0),
+        torch.mm(grad.t(), activation),
+        grad.sum(0),
+    )
+
+
+@pointwise_mlp_backward_op.register_fake
+def _pointwise_mlp_backward_fake(grad, x, fc1_weight, fc2_weight, activation, slope):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(fc1_weight),
+        fc1_weight.new_empty(fc1_weight.shape[0]),
+        torch.empty_like(fc2_weight),
+        fc2_weight.new_empty(fc2_weight.shape[0]),
+    )
+
+
+def _pointwise_mlp_backward_backward(ctx, *upstream):
+    # This op keeps gelu'(h), not h, so gelu''(h) is out of reach here; spanet::pointwise_mlp's own
+    # backward takes a differentiable path when a graph of the gradient is being built.
+    raise RuntimeError(
+        "spanet::pointwise_mlp_backward is not differentiable (it has gelu'(h), not h); differentiate "
+        "spanet::pointwise_mlp with create_graph=True instead"
+    )
+
+
+pointwise_mlp_backward_op.register_autograd(_pointwise_mlp_backward_backward)
+pointwise_mlp_op.register_autograd(_pointwise_mlp_backward, setup_context=_pointwise_mlp_setup)
 
 
 # --------------------------------------------------------------------------- depthwise_row_conv
@@ -622,7 +691,13 @@ def _depthwise_row_backward(ctx, grad):
             [True, False, False],
         )[0]
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        grad_weight, grad_bias = torch.ops.spanet.depthwise_row_weight_grad_kernel(grad, x, weight, ctx.padding)
+        if torch.is_grad_enabled():  # create_graph: PyTorch's differentiable convolution_backward
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x, weight, [channels], [1, 1], [0, ctx.padding], [1, 1], False, [0, 0], channels,
+                [False, True, True],
+            )
+        else:
+            grad_weight, grad_bias = torch.ops.spanet.depthwise_row_weight_grad_kernel(grad, x, weight, ctx.padding)
     return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
 
 

@@ -38,7 +38,7 @@ from timm.layers import DropPath, GroupNorm1, SelectAdaptivePool2d, trunc_normal
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "RowDepthwiseConv", "ConvMlp", "GELU", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
+__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "RowDepthwiseConv", "ConvMlp", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
 
 #: ``torch.arange(0.7, 0.9, 0.1)`` of the published code: float32 0.7, 0.8, 0.9 (exact as Python floats).
 PUBLISHED_LAMS: Tuple[float, ...] = tuple(float(v) for v in torch.arange(0.7, 0.9, 0.1))
@@ -128,27 +128,6 @@ class RowDepthwiseConv(nn.Conv2d):
         )
 
 
-class GELU(nn.GELU):
-    """``nn.GELU`` that, while autograd records on the CPU, saves its slope instead of its input.
-
-    In eager mode on a float32/float64 CPU tensor that requires grad (and with
-    the native kernels built), the forward is :func:`spanet_ops.gelu`: the
-    value and the derivative in one pass, so the backward is one multiply
-    instead of ``gelu_backward``'s erf and exp. That path is differentiable
-    once (a double backward raises). Everywhere else, including under
-    ``torch.compile``, ``torch.export`` and TorchScript, it is ``F.gelu``.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and self._saves_slope(x):
-            return spanet_ops.gelu(x)
-        return F.gelu(x, approximate=self.approximate)
-
-    @torch.jit.unused
-    def _saves_slope(self, x: Tensor) -> bool:
-        return self.approximate == "none" and _eager_cpu_training(x, x.requires_grad)
-
-
 #: Hidden-map size above which :class:`ConvMlp` runs in batch slices.
 MLP_SLICE_BYTES = 32 * 1024 * 1024
 
@@ -161,9 +140,15 @@ class ConvMlp(nn.Module):
     glibc maps every allocation above 32 MiB afresh, and the page faults of
     SPANet's stage-1 hidden maps (51 MB at batch 16) cost more than the
     layers' arithmetic on the CPU.
+
+    While autograd records on a channels_last CPU map in eager mode (native
+    kernels built, exact GELU, no active dropout), the three layers run as one
+    ``spanet::pointwise_mlp`` on the ``(B, H, W, C)`` view: the backward keeps
+    GELU's slope instead of its input and scales by it in place (see
+    ``benchmarks/RESULTS.md``).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, act_layer=GELU, drop: float = 0.0):
+    def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, drop: float = 0.0):
         super().__init__()
         #: Largest hidden map computed in one piece (glibc's ceiling for reusing freed memory).
         self.max_hidden_bytes: int = MLP_SLICE_BYTES
@@ -174,7 +159,32 @@ class ConvMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def _mlp(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and self._fused_training(x):
+            return self._fused_mlp(x)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    @torch.jit.unused
+    def _fused_training(self, x: Tensor) -> bool:
+        # spanet::pointwise_mlp: fc1, exact GELU and fc2 on the (B, H, W, C) view of a channels_last map,
+        # keeping GELU's slope for the backward; only where the dropouts are identities.
+        no_dropout = not self.training or (self.drop1.p == 0.0 and self.drop2.p == 0.0)
+        return (
+            no_dropout
+            and type(self.act) is nn.GELU
+            and self.act.approximate == "none"
+            and _eager_cpu_training(x, x.requires_grad or self.fc1.weight.requires_grad)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        )
+
+    @torch.jit.unused
+    def _fused_mlp(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, channels)
+        out, _, _ = torch.ops.spanet.pointwise_mlp(
+            pixels, self.fc1.weight.flatten(1), self.fc1.bias, self.fc2.weight.flatten(1), self.fc2.bias
+        )
+        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden_bytes = x.numel() // x.shape[1] * self.fc1.out_channels * x.element_size()
@@ -313,7 +323,7 @@ class SPANetBlock(nn.Module):
         radius: float = 2.0,
         filter_size: int = 56,
         mlp_ratio: float = 4.0,
-        act_layer=GELU,
+        act_layer=nn.GELU,
         norm_layer=GroupNorm1,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,

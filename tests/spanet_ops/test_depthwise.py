@@ -89,11 +89,13 @@ def test_op_gradients_match_conv2d(layout):
         _assert_scaled_close(g, e.double(), torch.float32)
 
 
-def test_gradcheck():
+def test_gradcheck_and_gradgradcheck():
+    # The second order runs through PyTorch's differentiable convolution_backward (create_graph branch).
     grad, x, weight, padding = _inputs((2, 18, 4, 6, 3, 1), torch.float64, "channels_last", seed=2)
     bias = torch.randn(18, dtype=torch.float64, requires_grad=True)
     args = (x.requires_grad_(), weight.requires_grad_(), bias)
     assert torch.autograd.gradcheck(lambda *a: torch.ops.spanet.depthwise_row_conv(*a, padding), args)
+    assert torch.autograd.gradgradcheck(lambda *a: torch.ops.spanet.depthwise_row_conv(*a, padding), args)
 
 
 def test_opcheck():
