@@ -8,6 +8,10 @@ Cases (fp32, batch 32):
   least 30x);
 * the kernel alone, forward, against the memory-traffic floor
   ``torch.add(x, x, alpha=0.5)`` (one read, one write; target: within 2x);
+* the models' training-step kernels at stage-1 shapes (batch 16, CPU): the
+  ``(1, 7)`` depthwise conv's weight gradient (oneDNN against the native
+  kernel) and the MLP forward+backward (the three layers against
+  ``spanet::pointwise_mlp``);
 * ``spg_aggregate`` forward+backward at (32, 64, 56, 56) radius 2 and
   (32, 320, 14, 14) radius 1 (the model's stages 1 and 3): the published
   per-chunk composition against the fused op (target: at least 3x); NCHW as
@@ -31,6 +35,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spanet_ops
 from spanet_ops import algorithms, reference
@@ -92,6 +97,57 @@ def floor_candidates(device):
     return {"add (memory floor)": add, "native kernel": kernel}
 
 
+# The models' training-step layers with CPU kernels of their own: stage-1 shapes at batch 16.
+MODEL_BATCH = 16
+
+
+def depthwise_candidates(device):
+    """``{impl: run}`` for the (1, 7) depthwise conv's weight+bias gradient, channels_last (baseline: oneDNN)."""
+    x = torch.randn(MODEL_BATCH, 64, 56, 56, device=device).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    weight = torch.randn(64, 1, 1, 7, device=device)
+
+    def onednn():
+        torch.ops.aten.convolution_backward(
+            grad, x, weight, [64], [1, 1], [0, 3], [1, 1], False, [0, 0], 64, [False, True, True]
+        )
+        _sync(device)
+
+    def native():
+        torch.ops.spanet.depthwise_row_weight_grad_kernel(grad, x, weight, 3)
+        _sync(device)
+
+    return {"convolution_backward (oneDNN)": onednn, "native kernel": native}
+
+
+def mlp_candidates(device):
+    """``{impl: run}`` for the stage-1 MLP (64 -> 256 -> 64) fwd+bwd on pixels (baseline: the three layers)."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    pixels = MODEL_BATCH * 56 * 56 // 2  # one of ConvMlp's two batch slices at batch 16
+    x = torch.randn(pixels, 64, device=device, generator=gen, requires_grad=True)
+    params = [
+        (torch.randn(shape, device=device, generator=gen) * 0.1).requires_grad_()
+        for shape in ((256, 64), (256,), (64, 256), (64,))
+    ]
+    grad = torch.randn(pixels, 64, device=device, generator=gen)
+
+    def make(fn):
+        def run():
+            x.grad = None
+            for p in params:
+                p.grad = None
+            fn().backward(grad)
+            _sync(device)
+
+        return run
+
+    def layers():
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+        return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+    return {"linear, GELU, linear": make(layers), "pointwise_mlp": make(lambda: torch.ops.spanet.pointwise_mlp(x, *params)[0])}
+
+
 def spg_candidates(shape, radius, device, memory_format=torch.contiguous_format):
     """``{impl: run}`` for spg_aggregate forward+backward (baseline: ``reference``)."""
     gen = torch.Generator(device=device).manual_seed(1)
@@ -134,6 +190,11 @@ def spg_candidates(shape, radius, device, memory_format=torch.contiguous_format)
 def _cases(device):
     yield f"{device} filter fwd+bwd {'x'.join(map(str, FILTER_SHAPE))}", "reference", filter_candidates
     yield f"{device} kernel fwd vs memory floor {'x'.join(map(str, FILTER_SHAPE))}", "add (memory floor)", floor_candidates
+    if device == "cpu":
+        yield f"cpu depthwise (1,7) weight grad {MODEL_BATCH}x64x56x56 channels_last", (
+            "convolution_backward (oneDNN)"
+        ), depthwise_candidates
+        yield f"cpu MLP fwd+bwd {MODEL_BATCH // 2 * 56 * 56}x64->256->64", "linear, GELU, linear", mlp_candidates
     for shape, radius, memory_format in SPG_CASES:
         layout = " channels_last" if memory_format == torch.channels_last else ""
         yield (
