@@ -90,7 +90,10 @@ class PointwiseConv(nn.Conv2d):
 
 
 def _eager_cpu_training(x: Tensor, records: bool) -> bool:
-    """Whether autograd ``records`` on ``x``, a float32/float64 CPU tensor, in eager mode with the native kernels."""
+    """Whether autograd ``records`` on ``x``, a float32/float64 CPU tensor, in eager mode with the native kernels.
+
+    Not under CPU autocast, whose casts the layers' own path follows.
+    """
     return (
         records
         and torch.is_grad_enabled()
@@ -98,6 +101,7 @@ def _eager_cpu_training(x: Tensor, records: bool) -> bool:
         and x.dtype in (torch.float32, torch.float64)
         and native_module() is not None
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
     )
 
 

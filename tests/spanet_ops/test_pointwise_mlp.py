@@ -215,5 +215,7 @@ def test_conv_mlp_takes_the_op_only_while_training_on_channels_last():
     assert not _uses_fused_mlp(mlp(x))
     with torch.no_grad():
         torch.testing.assert_close(mlp(x_cl), mlp(x), atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the layers, in bfloat16
+        assert not _uses_fused_mlp(mlp(x_cl))
     mlp.drop1.p = 0.1  # active dropout: the separate layers
     assert not _uses_fused_mlp(mlp(x_cl))
