@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None, help="evaluate only N evenly spaced images")
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 unless --amp-dtype)")
     p.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for the CPU, where SPANet is faster in it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--results-file", default=None, help="also write the results to this JSON file")
     return p
@@ -196,6 +197,8 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     loader = data_lib.build_eval_loader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                         limit=args.samples, pin_memory=device.type == "cuda")
     model.to(device)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cpu"
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = (torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16) if args.amp else None

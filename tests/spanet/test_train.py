@@ -97,6 +97,7 @@ def test_cli_end_to_end_spanet_small_and_validate(tmp_path):
     assert [float(r["val_top1"]) for r in rows] == [h["val_top1"] for h in history]
     ckpt = ck.load_training_checkpoint(os.path.join(run, "last.pth"))
     assert ckpt["model_name"] == "spanet_small" and ckpt["data_config"]["input_size"] == [3, 32, 32]
+    assert ckpt["args"]["channels_last"] is True  # the CPU default
 
     # spanet-validate on the last checkpoint reproduces the logged final-epoch metrics exactly.
     from spanet import validate as validate_mod
