@@ -580,13 +580,7 @@ def _pointwise_mlp_backward(ctx, grad, grad_activation, grad_slope):
         # create_graph: gelu'' needs h, which is not kept, so recompute h and differentiate the plain layers.
         hidden = torch.addmm(fc1_bias, x, fc1_weight.t())
         grad_hidden = torch.ops.aten.gelu_backward(torch.mm(grad, fc2_weight), hidden)
-        grads = (
-            torch.mm(grad_hidden, fc1_weight),
-            torch.mm(grad_hidden.t(), x),
-            grad_hidden.sum(0),
-            torch.mm(grad.t(), torch.nn.functional.gelu(hidden)),
-            grad.sum(0),
-        )
+        grads = _pointwise_mlp_grads(grad, x, fc1_weight, grad_hidden, torch.nn.functional.gelu(hidden))
     else:
         grads = pointwise_mlp_backward_op(grad, x, fc1_weight, fc2_weight, activation, slope)
     return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
@@ -598,6 +592,11 @@ def pointwise_mlp_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` of ``spanet::pointwise_mlp``."""
     grad_hidden = torch.mm(grad, fc2_weight).mul_(slope)  # a fresh product: scaled in place
+    return _pointwise_mlp_grads(grad, x, fc1_weight, grad_hidden, activation)
+
+
+def _pointwise_mlp_grads(grad: Tensor, x: Tensor, fc1_weight: Tensor, grad_hidden: Tensor, activation: Tensor):
+    """The five gradients of the MLP from its output's and its hidden layer's gradients."""
     return (
         torch.mm(grad_hidden, fc1_weight),
         torch.mm(grad_hidden.t(), x),
@@ -691,13 +690,13 @@ def _depthwise_row_backward(ctx, grad):
             [True, False, False],
         )[0]
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        if torch.is_grad_enabled():  # create_graph: PyTorch's differentiable convolution_backward
-            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, [channels], [1, 1], [0, ctx.padding], [1, 1], False, [0, 0], channels,
-                [False, True, True],
-            )
-        else:
-            grad_weight, grad_bias = torch.ops.spanet.depthwise_row_weight_grad_kernel(grad, x, weight, ctx.padding)
+        # create_graph: PyTorch's convolution_backward, which is differentiable; else the one-pass kernel.
+        weight_grad = (
+            _depthwise_row_weight_grad_default
+            if torch.is_grad_enabled()
+            else torch.ops.spanet.depthwise_row_weight_grad_kernel
+        )
+        grad_weight, grad_bias = weight_grad(grad, x, weight, ctx.padding)
     return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
 
 
