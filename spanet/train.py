@@ -55,7 +55,7 @@ from timm.utils import unwrap_model
 from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import reporting
-from .validate import evaluate
+from .validate import evaluate, resolve_channels_last
 
 __all__ = ["PRESETS", "UsageError", "build_parser", "parse_args", "train", "main"]
 
@@ -506,8 +506,7 @@ def _train(args: argparse.Namespace, dist: Dist) -> Dict[str, Any]:
     from timm.utils import ModelEmaV3
 
     device = dist.device
-    if args.channels_last is None:
-        args.channels_last = device.type == "cpu"
+    args.channels_last = resolve_channels_last(args.channels_last, device)
     say = reporting.printer(dist.is_main)
     if args.threads:
         torch.set_num_threads(args.threads)

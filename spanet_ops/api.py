@@ -133,4 +133,3 @@ def spg_aggregate(
     if lam_c.requires_grad:
         raise ValueError("spg_aggregate's balances are fixed (not differentiable); pass a tensor without grad")
     return ops.spg_aggregate_op(x, weight, bias, lam_c, float(radius), algorithm)
-

@@ -77,11 +77,16 @@ def _gelu_slope_kernel_fake(x):
 _lib.define("depthwise_row_weight_grad_kernel(Tensor grad, Tensor x, Tensor weight, int padding) -> (Tensor, Tensor)")
 
 
-def _depthwise_row_weight_grad_default(grad: Tensor, x: Tensor, weight: Tensor, padding: int):
+def _aten_depthwise_row_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, output_mask):
+    """PyTorch's ``convolution_backward`` of a depthwise ``(1, k)`` conv: ``(grad_x, grad_weight, grad_bias)``."""
     channels = x.shape[1]
-    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad, x, weight, [channels], [1, 1], [0, padding], [1, 1], False, [0, 0], channels, [False, True, True]
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [channels], [1, 1], [0, padding], [1, 1], False, [0, 0], channels, output_mask
     )
+
+
+def _depthwise_row_weight_grad_default(grad: Tensor, x: Tensor, weight: Tensor, padding: int):
+    _, grad_weight, grad_bias = _aten_depthwise_row_backward(grad, x, weight, padding, [False, True, True])
     return grad_weight, grad_bias
 
 
@@ -682,13 +687,9 @@ def _depthwise_row_setup(ctx, inputs, output):
 
 def _depthwise_row_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    channels = x.shape[1]
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.aten.convolution_backward(
-            grad, x, weight, [channels], [1, 1], [0, ctx.padding], [1, 1], False, [0, 0], channels,
-            [True, False, False],
-        )[0]
+        grad_x = _aten_depthwise_row_backward(grad, x, weight, ctx.padding, [True, False, False])[0]
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # create_graph: PyTorch's convolution_backward, which is differentiable; else the one-pass kernel.
         weight_grad = (
