@@ -201,103 +201,255 @@ def write_json(path: str, results: dict) -> None:
 
 
 # --------------------------------------------------------------------------- plot
+#
+# Speed-ups are bars on a linear axis from 0 (bar lengths are then proportional to the
+# speed-up) with the interquartile range of the paired ratios as error bars. The sweep's
+# lowrank/fft ratio spans orders of magnitude either side of 1, so it is drawn on a log2
+# axis whose ticks are plain powers of two (1/4x, 1x, 4x). No text is smaller than 8 pt.
+
+#: Font sizes (points) of the plot: titles, labels, ticks, legends.
+FONT_SIZES = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+              "ytick.labelsize": 9, "legend.fontsize": 9, "figure.titlesize": 11}
+#: Marks a measured case where ``auto`` ran the slower of ``lowrank`` and ``fft``.
+WRONG_AUTO = dict(marker="X", color="#d62728", markersize=11, markeredgecolor="black", markeredgewidth=0.8,
+                  linestyle="none", zorder=5)
+WRONG_AUTO_LABEL = "auto chose the slower algorithm"
+_PANEL_HEIGHT = 3.4  # inches per row of axes
+#: The levels drawn, in order, and their panel titles.
+PANELS = {"operators": "operators", "modules": "SPAM module", "models": "models", "sweep": "sweep"}
 
 
 def plot(path: str, results: dict) -> List[str]:
-    """Write a PNG with one panel per level present; returns the panel titles."""
+    """Write the PNG of :func:`figure` to ``path``; returns the panel titles."""
+    fig = figure(results)
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [title for level, title in PANELS.items() if results.get(level)]
+
+
+def figure(results: dict):
+    """A matplotlib Figure with one panel per level present: operators, SPAM, models, sweep.
+
+    Each Axes' gid names its panel (``"operators:<op>"``, ``"modules"``, ``"models:<mode>"``,
+    ``"sweep:<mask>"``); the markers of wrong ``auto`` choices have gid ``"auto-wrong"``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [name for name in ("operators", "modules", "models", "sweep") if results.get(name)]
+    panels = [name for name in PANELS if results.get(name)]
     if not panels:
         raise ValueError("nothing to plot: the results hold no level")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 4.2 * len(panels)), squeeze=False)
-    titles = []
-    for ax, panel in zip(axes[:, 0], panels):
-        titles.append({"operators": _plot_speedups, "modules": _plot_speedups, "models": _plot_models,
-                       "sweep": _plot_sweep}[panel](ax, results[panel], panel))
-    fig.suptitle(f"spanet-bench — {machine_line(results['machine'])}", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))  # leave the top strip to the machine line
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return titles
+    rows = {"operators": len({r["op"] for r in results.get("operators") or []}), "modules": 1, "models": 1,
+            "sweep": math.ceil(len({r["mask"] for r in results.get("sweep") or []}) / 3)}
+    heights = [rows[p] for p in panels]
+    with plt.rc_context(FONT_SIZES):
+        fig = plt.figure(figsize=(15, _PANEL_HEIGHT * sum(heights) + 0.6), layout="constrained")
+        subfigs = fig.subfigures(len(panels), 1, height_ratios=heights, squeeze=False)[:, 0]
+        draw = {"operators": _plot_operators, "modules": _plot_modules, "models": _plot_models, "sweep": _plot_sweep}
+        for panel, subfig in zip(panels, subfigs):
+            draw[panel](subfig, results[panel])
+        for ax in fig.get_axes():  # ticks are made when drawn, after this context: fix their size now
+            ax.tick_params(labelsize=FONT_SIZES["xtick.labelsize"])
+        fig.suptitle("spanet-bench: " + machine_line(results["machine"]), wrap=True)
+    return fig
 
 
-def _plot_speedups(ax, rows: Sequence[dict], level: str) -> str:
-    names = [n for n in rows[0]["speedup"]]
-    series = [(n, "fp32") for n in names] + [(n, "bf16") for n in names if n in ("auto", "fused")]
-    groups = []
-    for r in rows:
-        key = (r.get("op", r.get("module")), "x".join(map(str, r["shape"][1:])), r["mode"])
-        if key not in groups:
-            groups.append(key)
+def _shape_label(row: dict) -> str:
+    c, h, w = row["shape"][1:]
+    return f"C={c}, {h}x{w}\n{row['mode']}"
+
+
+def _speedup_bars(ax, groups: List[tuple], series: List[tuple], value) -> dict:
+    """Grouped bars of median speed-ups with IQR error bars; ``value(group, series)`` gives a
+    ratio dict or None. Returns ``{(group, series): (x, top of error bar)}`` of drawn bars."""
     width = 0.8 / max(len(series), 1)
-    for i, (name, dtype) in enumerate(series):
-        values = []
-        for g in groups:
-            match = [r for r in rows if (r.get("op", r.get("module")), "x".join(map(str, r["shape"][1:])), r["mode"]) == g
-                     and r["dtype"] == dtype]
-            values.append(match[0]["speedup"][name]["median"] if match else math.nan)
-        ax.bar([j + i * width for j in range(len(groups))], values, width, label=f"{name} {dtype}")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{g[0].replace('spectral_mask_filter', 'filter').replace('spg_aggregate', 'spg')}\n{g[1]}\n{g[2]}"
-                        for g in groups], fontsize=6)
-    ax.set_yscale("log")
-    ax.set_ylabel("speed-up over reference (fp32)")
-    title = "operators" if level == "operators" else "SPAM module"
-    ax.set_title(f"{title}: speed-up per shape (median of paired ratios)")
-    ax.legend(fontsize=7, ncol=len(series))
-    return title
+    drawn, all_medians = {}, [1.0]
+    for i, s in enumerate(series):
+        xs, medians, lows, highs = [], [], [], []
+        for j, g in enumerate(groups):
+            ratio = value(g, s)
+            if ratio is None:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            xs.append(x)
+            medians.append(ratio["median"])
+            lows.append(ratio["median"] - ratio["q1"])
+            highs.append(ratio["q3"] - ratio["median"])
+            drawn[(g, s)] = (x, ratio["q3"])
+        all_medians += medians
+        if xs:
+            ax.bar(xs, medians, width, yerr=[lows, highs], capsize=3, error_kw=dict(elinewidth=1.0),
+                   label=" ".join(s))
+    ax.axhline(1.0, color="black", linewidth=0.9)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    # A noisy case's upper quartile must not flatten every bar: error bars reaching above the
+    # axis are cut at its top, where their upper quartile is written.
+    top = 1.35 * max(all_medians)
+    ax.set_ylim(0, top)
+    for (x, q3) in drawn.values():
+        if q3 > top:
+            ax.annotate(f"q3 {q3:.3g}x", (x, top), xytext=(0, -2), textcoords="offset points", ha="center",
+                        va="top", rotation=90, fontsize=8, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none"))
+    ax.yaxis.set_major_formatter(_times_formatter())
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    return drawn
 
 
-def _plot_models(ax, rows: Sequence[dict], level: str) -> str:
-    modes = sorted({r["mode"] for r in rows})
-    names = list(dict.fromkeys(r["model"] for r in rows))
-    width = 0.8 / len(modes)
-    for i, mode in enumerate(modes):
-        values = []
-        for name in names:
-            match = [r for r in rows if r["model"] == name and r["mode"] == mode]
-            values.append(match[0]["images_per_s"]["median"] if match else math.nan)
-        ax.bar([j + i * width for j in range(len(names))], values, width, label=mode)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
-    ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylabel("images / s")
+def _times_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}x")
+
+
+def _wrong_auto(row: dict) -> bool:
+    """Whether ``auto`` ran the slower of lowrank and fft in this operator case."""
+    ratio = (row.get("speedup_vs_fft") or {}).get("lowrank")
+    if ratio is None or row.get("auto_algorithm") not in ("lowrank", "fft"):
+        return False
+    return row["auto_algorithm"] != ("lowrank" if ratio["median"] > 1.0 else "fft")
+
+
+def _plot_operators(subfig, rows: Sequence[dict]) -> None:
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    axes = subfig.subplots(len(ops), 1, squeeze=False)[:, 0]
+    names = [n for n in ("fft", "lowrank", "auto") if n in rows[0]["speedup"]]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    series = [(n, "fp32") for n in names if "fp32" in dtypes] + [("auto", d) for d in dtypes if d != "fp32"]
+    for ax, op in zip(axes, ops):
+        mine = [r for r in rows if r["op"] == op]
+        groups = list(dict.fromkeys((tuple(r["shape"]), r["mode"]) for r in mine))
+        by_key = {(tuple(r["shape"]), r["mode"], r["dtype"]): r for r in mine}
+
+        def value(g, s, by_key=by_key):
+            row = by_key.get((g[0], g[1], s[1]))
+            return row["speedup"].get(s[0]) if row else None
+
+        drawn = _speedup_bars(ax, groups, series, value)
+        wrong = [drawn[(g, s)] for g in groups for s in series
+                 if s[0] == "auto" and (g, s) in drawn and _wrong_auto(by_key[(g[0], g[1], s[1])])]
+        if wrong:
+            top = ax.get_ylim()[1]
+            ax.plot([x for x, _ in wrong], [y + 0.03 * top for _, y in wrong], gid="auto-wrong",
+                    label=WRONG_AUTO_LABEL, **WRONG_AUTO)
+        ax.set_xticklabels([_shape_label(by_key[(g[0], g[1], dtypes[0])] if (g[0], g[1], dtypes[0]) in by_key
+                                         else next(r for r in mine if (tuple(r["shape"]), r["mode"]) == g))
+                            for g in groups])
+        ax.set_gid(f"operators:{op}")
+        ax.set_ylabel("speed-up over the\nfp32 reference")
+        ax.set_title(f"{op}: speed-up over the torch.fft reference (median, IQR error bars)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _plot_modules(subfig, rows: Sequence[dict]) -> None:
+    ax = subfig.subplots()
+    names = list(rows[0]["speedup"])
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    series = [(n, "fp32") for n in names if "fp32" in dtypes]
+    series += [(n, d) for d in dtypes if d != "fp32" for n in names if n == "fused"]
+    groups = list(dict.fromkeys((tuple(r["shape"]), r["mode"]) for r in rows))
+    by_key = {(tuple(r["shape"]), r["mode"], r["dtype"]): r for r in rows}
+
+    def value(g, s):
+        row = by_key.get((g[0], g[1], s[1]))
+        return row["speedup"].get(s[0]) if row else None
+
+    _speedup_bars(ax, groups, series, value)
+    ax.set_xticklabels([_shape_label(next(r for r in rows if (tuple(r["shape"]), r["mode"]) == g)) for g in groups])
+    ax.set_gid("modules")
+    ax.set_ylabel("speed-up over\nspectral_impl=reference")
+    ax.set_title("SPAM (token mixer): speed-up of each spectral_impl over the reference (median, IQR error bars)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _plot_models(subfig, rows: Sequence[dict]) -> None:
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    axes = subfig.subplots(1, len(modes), squeeze=False)[0]
     first = rows[0]
-    ax.set_title(f"models: throughput, batch {first['batch']} at {first['resolution']}px")
-    ax.legend(fontsize=8)
-    return "models"
+    for ax, mode in zip(axes, modes):
+        mine = [r for r in rows if r["mode"] == mode]
+        ips = [r["images_per_s"] for r in mine]
+        bars = ax.bar(range(len(mine)), [s["median"] for s in ips], 0.6,
+                      yerr=[[s["median"] - s["q1"] for s in ips], [s["q3"] - s["median"] for s in ips]],
+                      capsize=4, color="#1f77b4" if mode == "infer" else "#ff7f0e")
+        ax.bar_label(bars, labels=[f"{s['median']:.3g}" for s in ips], label_type="center", color="white",
+                     fontsize=9)
+        ax.set_xticks(range(len(mine)))
+        ax.set_xticklabels([r["model"].replace(":", ":\n") for r in mine])
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.set_gid(f"models:{mode}")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{mode}: throughput, batch {first['batch']} at {first['resolution']}px (median, IQR)")
 
 
-def _plot_sweep(ax, rows: Sequence[dict], level: str) -> str:
-    # The paired ratio, not absolute times: it is what decides, and load from other
-    # processes cancels in it. A line crossing 1 is a crossover between the algorithms.
-    channels = sorted({r["channels"] for r in rows})
+def _log2_ticks(lo: float, hi: float) -> List[float]:
+    """Powers of two covering ``[lo, hi]`` (every other one when there are more than nine), 1 among them."""
+    a, b = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+    step = 1 if b - a <= 8 else 2
+    return [2.0 ** k for k in range(a, b + 1) if k % step == 0]  # 1x (k = 0) is always a tick
+
+
+def _power_of_two_label(v: float) -> str:
+    return f"{v:g}x" if v >= 1 else f"1/{1 / v:g}x"
+
+
+def _plot_sweep(subfig, rows: Sequence[dict]) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     masks = list(dict.fromkeys(r["mask"] for r in rows))
-    colors = {}
-    for mask in masks:
-        for c, style in zip(reversed(channels), ("-", "--", ":", "-.")):
+    channels = sorted({r["channels"] for r in rows})
+    ncols = min(3, len(masks))
+    axes = subfig.subplots(math.ceil(len(masks) / ncols), ncols, squeeze=False, sharey=True).ravel()
+    sizes = sorted({r["size"] for r in rows})
+    ratios = [r["lowrank_speedup_over_fft"] for r in rows]
+    lo, hi = min(min(q["q1"] for q in ratios), 1.0), max(max(q["q3"] for q in ratios), 1.0)
+    yticks = _log2_ticks(lo, hi)
+    wrong_total = 0
+    for ax, mask in zip(axes, masks):
+        wrong = []
+        for c in channels:
             pts = sorted((r for r in rows if r["mask"] == mask and r["channels"] == c), key=lambda r: r["size"])
             if not pts:
                 continue
-            xs = [r["size"] for r in pts]
-            ys = [r["lowrank_speedup_over_fft"]["median"] for r in pts]
-            line, = ax.plot(xs, ys, style, color=colors.get(mask), label=f"{mask}, C={c}")
-            colors[mask] = line.get_color()
-            for x, y, r in zip(xs, ys, pts):  # o: auto picked the faster one; x: it did not
-                ax.plot(x, y, "o" if r["agree"] else "x", color=line.get_color())
-    ax.axhline(1.0, color="black", linewidth=1.2)
-    sizes = sorted({r["size"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
-    ax.set_xlabel("H = W")
-    ax.set_ylabel("lowrank speed-up over fft (forward)")
-    ax.set_title("scaling: above 1 lowrank wins, below fft wins (o: auto chose the faster, x: it did not)")
-    ax.legend(fontsize=6, ncol=4)
-    return "sweep"
+            q = [r["lowrank_speedup_over_fft"] for r in pts]
+            ax.errorbar([r["size"] for r in pts], [s["median"] for s in q],
+                        yerr=[[s["median"] - s["q1"] for s in q], [s["q3"] - s["median"] for s in q]],
+                        marker="o", markersize=4, capsize=3, label=f"C={c}")
+            wrong += [(r["size"], r["lowrank_speedup_over_fft"]["median"]) for r in pts if not r["agree"]]
+        if wrong:
+            ax.plot(*zip(*wrong), gid="auto-wrong", label=WRONG_AUTO_LABEL, **WRONG_AUTO)
+        wrong_total += len(wrong)
+        ax.axhline(1.0, color="black", linewidth=0.9)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_major_locator(FixedLocator(yticks))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _power_of_two_label(v)))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_locator(NullLocator())
+        ax.set_ylim(min(yticks[0], lo) / 1.25, max(yticks[-1], hi) * 1.25)
+        ax.grid(alpha=0.3)
+        n = sum(1 for r in rows if r["mask"] == mask)
+        ax.set_gid(f"sweep:{mask}")
+        ax.set_title(f"{mask}: auto wrong in {len(wrong)} of {n}")
+        ax.set_xlabel("H = W")
+    for ax in axes[len(masks):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes[:len(masks)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    subfig.legend(handles.values(), handles.keys(), loc="outside right upper")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("lowrank speed-up\nover fft (forward)")
+    subfig.suptitle(f"Scaling sweep, batch {rows[0]['batch']}: above 1x lowrank is faster, below fft is; "
+                    f"red X: auto chose the slower ({wrong_total} of {len(rows)} cases)")
