@@ -8,7 +8,9 @@ environment; install with ``pip install --no-build-isolation -e .`` (a plain
 Build knobs (environment variables; none depends on ``torch.cuda.is_available()``):
 
 * ``SPANET_CUDA_ARCHS`` — CUDA architectures, e.g. ``"80;90"`` (default),
-  ``"8.0 9.0"``, ``"sm_90a"``.
+  ``"8.0 9.0"``, ``"sm_90a"``: SASS for each, plus PTX of the highest (CMakeLists.txt),
+  which newer GPUs compile at load; ``spanet_ops._C.cuda_arch_problem(major, minor)``
+  says whether a device is covered.
 * ``SPANET_CPU_ONLY=1`` — skip the CUDA kernels even where they could be built.
 * ``SPANET_CPU_ARCH`` — ``-march`` of the CPU kernels (default ``native``;
   empty for the compiler's default, e.g. to build a portable wheel).
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import sysconfig
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -103,7 +105,7 @@ def _cuda_choice(torch):
 
 
 def _cuda_archs() -> str:
-    """``SPANET_CUDA_ARCHS`` normalised to CMake's ``80;90a`` form."""
+    """``SPANET_CUDA_ARCHS`` normalised to CMake's ``80;90a`` form (CMake adds PTX of the highest)."""
     raw = os.environ.get("SPANET_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     archs = []
     for item in re.split(r"[;,\s]+", raw.strip()):
@@ -192,20 +194,9 @@ class CMakeBuild(build_ext):
                 ) from exc
 
 
+# The metadata (name, version, dependencies, extras, console scripts, package data) is in
+# pyproject.toml; this file adds the native extension and the CMake step that builds it.
 setup(
-    name="spanet",
-    version="0.1.0",
-    description="SPANet (ICCV 2023) with fast, exact spectral token-mixer operators",
-    packages=find_packages(include=["spanet", "spanet.*", "spanet_ops", "spanet_ops.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "timm>=1.0"],
     ext_modules=[CMakeExtension("spanet_ops._C")] if _env_flag("SPANET_BUILD_NATIVE", "1") else [],
     cmdclass={"build_ext": CMakeBuild},
-    entry_points={
-        "console_scripts": [
-            "spanet-train=spanet.train:main",
-            "spanet-validate=spanet.validate:main",
-            "spanet-bench=spanet.bench:main",
-        ]
-    },
 )

@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 namespace spanet {
 
 // Argument checks shared by the CPU and CUDA kernels (TORCH_CHECK with a
@@ -19,5 +21,9 @@ LowRankShape check_lowrank_args(const at::Tensor& x, const at::Tensor& basis_h, 
 
 // Whether the extension was compiled with its CUDA kernels.
 bool built_with_cuda();
+
+// Why this build cannot run its CUDA kernels on a device of compute capability major.minor
+// ("" when it can: SASS of a compatible architecture, or PTX the driver can compile for it).
+std::string cuda_arch_problem(int major, int minor);
 
 }  // namespace spanet

@@ -1,14 +1,12 @@
 """Triton kernels of the spanet ops for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``).
 
-* :func:`lowrank_filter` — the fused low-rank spectral filter (forward and, by
-  self-adjointness, backward).
-
-:mod:`spanet_ops.backends` calls these for CUDA tensors when Triton imports;
-problems a kernel does not take go to the dispatcher's kernel ops. The fused
-split-SPG aggregation needs no kernel of its own: its spectral part is a pair
-of skinny GEMMs against the plan's real basis (cuBLAS on CUDA), see
-:func:`spanet_ops.algorithms.spg_lowrank`.
+* :func:`basis_filter` (:mod:`spanet_ops.triton.kernel`) — the low-rank spectral filter in a real basis
+  (``spanet::basis_filter_kernel``'s CUDA implementation): two skinny GEMMs per
+  block of planes, one read and one write of ``x``.
+* :mod:`spanet_ops.triton.tuning` — arithmetic per dtype, configurations, cost model.
+* :mod:`spanet_ops.triton.roofline` — ahead-of-time compilation for a GPU target
+  (no GPU needed): registers, spills, instruction counts, predicted bandwidth.
 """
-from .lowrank import lowrank_filter
+from .kernel import basis_filter, basis_filter_with_config
 
-__all__ = ["lowrank_filter"]
+__all__ = ["basis_filter", "basis_filter_with_config"]
