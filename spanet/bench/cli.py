@@ -13,6 +13,11 @@ from . import measure, models, operators, report, sweep
 
 LEVELS = ("ops", "module", "model", "sweep")
 
+#: ``--results-md`` without a path: the repository's results file, found from this package, not the cwd.
+DEFAULT_RESULTS_MD = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "RESULTS.md"
+)
+
 #: ``--quick``: a subset that runs in under two minutes on a 2-core CPU.
 QUICK = dict(
     levels="ops,module,model,sweep",
@@ -94,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", default=None, help="JSON path (default OUT_DIR/spanet-bench.json)")
     g.add_argument("--png", default=None, help="PNG path (default OUT_DIR/spanet-bench.png)")
     g.add_argument("--no-plot", action="store_true")
-    g.add_argument("--results-md", nargs="?", const="benchmarks/RESULTS.md", default=None, metavar="PATH",
+    g.add_argument("--results-md", nargs="?", const=DEFAULT_RESULTS_MD, default=None, metavar="PATH",
                    help="append the Markdown tables to the 'spanet-bench (issue 7)' section of PATH "
-                        "(default PATH: benchmarks/RESULTS.md); nothing is appended without this flag")
+                        "(default PATH: benchmarks/RESULTS.md of the source checkout spanet runs from, "
+                        "wherever the command is started); nothing is appended without this flag")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     g.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                    help="run nothing: merge the levels of these earlier results (machine and settings of the "
@@ -149,6 +155,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is available")
     if args.device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device}")
+    if args.results_md and not os.path.isfile(args.results_md):
+        # Refused now, not after the whole benchmark has run.
+        where = " (spanet is not running from a source checkout: pass a PATH)" \
+            if args.results_md == DEFAULT_RESULTS_MD else ""
+        parser.error(f"--results-md: {args.results_md} is not an existing file{where}")
     return args
 
 
