@@ -1,4 +1,4 @@
-"""Native kernels (issue 3): the C++/CUDA low-rank filter and spg_aggregate against the reference.
+"""Native kernels: the C++ low-rank filter and spg_aggregate against the reference.
 
 Cases (fp32, batch 32):
 

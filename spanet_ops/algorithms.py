@@ -171,7 +171,7 @@ def spg_lowrank(
     constant: Tensor,
     inplace: bool = True,
 ) -> Tensor:
-    """The split-SPG aggregation ``sum_c W[:, c] SPF_c(x_c) + b`` on the low-rank path (SPEC §2).
+    """The split-SPG aggregation ``sum_c W[:, c] SPF_c(x_c) + b`` on the low-rank path (docs/spec.md §2).
 
     ``x`` ``(B, C, H, W)`` (NCHW or channels_last; the result has the same
     layout), ``weight`` ``(O, C)``, ``real_basis`` ``(J, H*W)`` and the
@@ -240,7 +240,7 @@ def half_to_full(half: Tensor, width: int) -> Tensor:
 
 
 def mask_gradient(x: Tensor, grad_output: Tensor) -> Tensor:
-    """``Re(conj(X) G)`` in the natural layout, per plane (SPEC §1 fact 4), in the inputs' dtype."""
+    """``Re(conj(X) G)`` in the natural layout, per plane (docs/spec.md §1 fact 4), in the inputs' dtype."""
     spec_x = torch.fft.rfft2(x, norm="ortho")
     spec_g = torch.fft.rfft2(grad_output, norm="ortho")
     half = spec_x.real * spec_g.real + spec_x.imag * spec_g.imag

@@ -211,13 +211,14 @@ def spg_algorithm(height: int, width: int, n_images: int, channels: int, out_cha
     """spg's cost model: the basis correction against filtering every input channel by FFT.
 
     Both paths share the dense 1x1 GEMM. Per input element the correction costs a
-    projection (``J``), a synthesis per output channel (``J O / C``) and the channel mix
-    (``J O / (H W)``); the fft path an FFT pair.
+    projection (``J`` multiply-adds) and a synthesis per output channel (``J O / C``);
+    the fft path an FFT pair. The channel mix (``J C O`` per image) is left out: it is
+    a GEMM no larger than the dense one while ``J <= H W``, and the fft path's 1x1
+    conv costs as much again.
     """
     if not basis_fits(height, width, n_images, dtype):
         return "fft"
-    ratio = out_channels / max(channels, 1)
-    lowrank_cost = n_images * (1.0 + ratio + out_channels / (height * width))
+    lowrank_cost = n_images * (1.0 + out_channels / max(channels, 1))
     return "lowrank" if lowrank_cost <= _fft_cost(height, width, device_type) else "fft"
 
 

@@ -291,14 +291,23 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-class PointwiseConv(nn.Conv2d):
-    """A 1x1 conv with ``nn.Conv2d``'s parameters and state dict that trains as one GEMM on channels_last maps.
+#: Maps with fewer pixels than this take :class:`PointwiseConv`'s pixel-major GEMM on the CPU.
+TINY_MAP_PIXELS = 16
 
-    In training mode on a channels_last input the map is already ``(B, H, W, C)``
-    in memory, so the conv is ``F.linear`` on that view: one GEMM forward and two
-    backward, faster on the CPU than oneDNN's 1x1 convolution backward at
-    SPANet's shapes (see ``benchmarks/RESULTS.md``). Evaluation, and any other
-    input, take the ordinary convolution, whose forward is as fast.
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 conv with ``nn.Conv2d``'s parameters and state dict that runs as one pixel-major GEMM where that is faster.
+
+    * In training mode on a channels_last input the map is already ``(B, H, W, C)``
+      in memory, so the conv is ``F.linear`` on that view: one GEMM forward and two
+      backward, faster on the CPU than oneDNN's 1x1 convolution backward at
+      SPANet's shapes (see ``benchmarks/RESULTS.md``).
+    * On an NCHW CPU map of fewer than :data:`TINY_MAP_PIXELS` pixels (stage 4 at
+      small inputs: 2x2 at 64x64), in any mode, the conv is ``F.linear`` on the
+      ``(B, HW, C)`` transpose: PyTorch's CPU convolution runs such maps through a GEMM
+      whose inner dimension is the pixel count, 3-4x slower at 2x2.
+
+    Everything else takes the ordinary convolution, whose forward is as fast.
     """
 
     def __init__(self, in_chs: int, out_chs: int, bias: bool = True):
@@ -307,6 +316,11 @@ class PointwiseConv(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and _is_channels_last(x):
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        batch, channels, height, width = x.shape
+        if x.device.type == "cpu" and height * width < TINY_MAP_PIXELS and x.is_contiguous():
+            pixels = x.reshape(batch, channels, height * width).transpose(1, 2)
+            out = F.linear(pixels, self.weight.flatten(1), self.bias)  # (B, HW, O)
+            return out.transpose(1, 2).contiguous().view(batch, -1, height, width)  # NCHW again (a tiny copy)
         return self._conv_forward(x, self.weight, self.bias)
 
 

@@ -10,7 +10,7 @@ published code: ``patch_embed.proj``, ``network.{0..6}`` (stages at the even
 indices, downsampling convs at the odd ones), ``norm`` and ``head``. Each SPAM
 keeps the published ``token_mixer.sps.{i}.filter`` tensors ``(1, H0, W0)``
 (the centred circular masks at 224) as non-trainable buffers: they exist only
-so checkpoints load; the filter at any input size follows SPEC §1 and is
+so checkpoints load; the filter at any input size follows docs/spec.md §1 and is
 computed by :mod:`spanet_ops` from the stage's radius and balances.
 
 Speed. SPAM's context ``sum_i pw_i(SPF_{r, lam_i}(chunk_i(x)))`` is one call of
@@ -95,7 +95,7 @@ class SPF(nn.Module):
     ``lam`` at the published map size ``H0 x W0``; it is a non-trainable buffer
     kept only so that published checkpoints load and saved ones match their
     layout. Computation never reads it: :class:`SPAM` derives the filter at the
-    actual map size from ``radius`` and ``lam`` (SPEC §1, "Any input size").
+    actual map size from ``radius`` and ``lam`` (docs/spec.md §1, "Any input size").
     """
 
     def __init__(self, size: int, radius: float, lam: float):
@@ -109,7 +109,7 @@ class SPF(nn.Module):
 
 
 class SPAM(nn.Module):
-    """Spectral Pooling Aggregation Modulation, SPANet's token mixer (SPEC §2).
+    """Spectral Pooling Aggregation Modulation, SPANet's token mixer (docs/spec.md §2).
 
     ``proj_in`` (1x1), depthwise ``(1,k)`` then ``(k,1)`` convs, the split-SPG
     context ``ctx = sum_i pws[i](SPF_{radius, lams[i]}(chunk_i(x)))``, and
@@ -186,7 +186,7 @@ class SPAM(nn.Module):
 
 
 class SPANetBlock(nn.Module):
-    """``x = s1 * x + drop_path(SPAM(GN(x)))``; ``x = s2 * x + drop_path(MLP(GN(x)))`` (SPEC §3)."""
+    """``x = s1 * x + drop_path(SPAM(GN(x)))``; ``x = s2 * x + drop_path(MLP(GN(x)))`` (docs/spec.md §3)."""
 
     def __init__(
         self,
@@ -536,7 +536,7 @@ default_cfgs = generate_default_cfgs({
     "spanet_baseX.in1k": _cfg("spanet-baseX.pth", crop_pct=0.95),
 })
 
-#: The published configurations (SPEC §3): depths, dims; every variant uses radius 2-2-1-1.
+#: The published configurations (docs/spec.md §3): depths, dims; every variant uses radius 2-2-1-1.
 MODEL_CONFIGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     "spanet_small": dict(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512)),
     "spanet_medium": dict(depths=(6, 6, 18, 6), dims=(64, 128, 320, 512)),

@@ -9,7 +9,7 @@ Tolerances, as ``(dtype, atol, rtol)`` on the logits against the reference model
 | grad checkpointing vs plain (outputs, grads) | float32 | 1e-5 | 1e-5 |
 | training gradients vs reference model | float32 | 2e-5 x max abs of each gradient | 1e-4 |
 
-MACs (conv + linear, ``torch.utils.flop_counter``) lie within 1% of SPEC §3.
+MACs (conv + linear, ``torch.utils.flop_counter``) lie within 1% of docs/spec.md §3.
 """
 import copy
 import functools
@@ -28,7 +28,7 @@ from tests.spanet.reference_model import RefSPANet, randomize_
 
 VARIANTS = ["spanet_small", "spanet_medium", "spanet_mediumX", "spanet_base", "spanet_baseX"]
 DEFAULT_VARIANTS = ["spanet_small", "spanet_base"]
-# A copy of shared/reference/official_state_dict_layout.json: the published keys, shapes and parameter counts.
+# The published keys, shapes and parameter counts of the five variants.
 with open(os.path.join(os.path.dirname(__file__), "data", "official_state_dict_layout.json")) as _f:
     LAYOUT = json.load(_f)
 SPEC_GMACS = {
@@ -72,7 +72,7 @@ def test_create_model_kwargs():
     assert model.patch_embed.proj.weight.shape == (64, 1, 7, 7)
     blocks = [b for i in range(0, 7, 2) for b in model.network[i]]
     rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0 for b in blocks]
-    # Linear over all blocks, from 0 to the rate (SPEC §3).
+    # Linear over all blocks, from 0 to the rate (docs/spec.md §3).
     assert rates == pytest.approx(torch.linspace(0, 0.2, 24).tolist())
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 10)
 

@@ -1,4 +1,4 @@
-"""Native kernels (spanet_ops._C, issue 3) against the reference.
+"""Native kernels (spanet_ops._C) against the reference.
 
 The C++ CPU kernels and the CUDA kernels register for the ``spanet`` kernel ops;
 these tests check that they are built and registered, that every public operator
