@@ -46,6 +46,17 @@ def native_module():
     return _native
 
 
+def cuda_device_problem() -> str:
+    """Why the native CUDA kernels cannot run on the current CUDA device ("" when they can, or without a GPU).
+
+    The build holds SASS for ``SPANET_CUDA_ARCHS`` and PTX of the highest; another
+    architecture (e.g. sm_75) needs a rebuild, which the message says how to do.
+    """
+    if _native is None or not _native.has_cuda() or not torch.cuda.is_available():
+        return ""
+    return _native.cuda_arch_problem(*torch.cuda.get_device_capability())
+
+
 def backends() -> Dict[str, Dict[str, object]]:
     """Report each kernel family: ``{"name": {"available": bool, "reason": str}}``."""
     report = {"pytorch": {"available": True, "reason": "always present"}}
@@ -55,7 +66,13 @@ def backends() -> Dict[str, Dict[str, object]]:
     }
     cuda_built = bool(_native is not None and _native.has_cuda())
     if cuda_built:
-        cuda_reason = f"built for sm_{_native.build_info()['cuda_archs'].replace(',', ', sm_')}"
+        info = _native.build_info()
+        cuda_reason = f"built for sm_{info['cuda_archs'].replace(',', ', sm_')}"
+        if info.get("cuda_ptx"):
+            cuda_reason += f" (+ PTX compute_{info['cuda_ptx']})"
+        problem = cuda_device_problem()
+        if problem:
+            cuda_built, cuda_reason = False, problem
     elif _native is not None:
         cuda_reason = _native.build_info()["cuda_reason"] or "not compiled into the extension"
     else:

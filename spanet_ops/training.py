@@ -312,12 +312,13 @@ class PointwiseConv(nn.Conv2d):
 
     def __init__(self, in_chs: int, out_chs: int, bias: bool = True):
         super().__init__(in_chs, out_chs, kernel_size=1, bias=bias)
+        self.tiny_map_pixels: int = TINY_MAP_PIXELS
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and _is_channels_last(x):
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
         batch, channels, height, width = x.shape
-        if x.device.type == "cpu" and height * width < TINY_MAP_PIXELS and x.is_contiguous():
+        if x.device.type == "cpu" and height * width < self.tiny_map_pixels and x.is_contiguous():
             pixels = x.reshape(batch, channels, height * width).transpose(1, 2)
             out = F.linear(pixels, self.weight.flatten(1), self.bias)  # (B, HW, O)
             return out.transpose(1, 2).contiguous().view(batch, -1, height, width)  # NCHW again (a tiny copy)

@@ -367,3 +367,28 @@ def test_large_radius_matches_reference():
         got = spanet_ops.spg_aggregate(x, weight, None, radius=16.0, algorithm=algorithm)
         torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9)
     assert math.isfinite(float(expected.abs().max()))
+
+
+# --------------------------------------------------------------------------- registration of the device kernels
+
+
+def test_triton_serves_the_basis_filter_on_cuda(monkeypatch):
+    """basis_filter_kernel's CUDA kernel is registered through torch.library and hands the call to Triton's launcher."""
+    from spanet_ops.ops import kernels
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("spanet::basis_filter_kernel", "CUDA")
+    calls = []
+
+    class FakeTriton:
+        @staticmethod
+        def basis_filter(*args):
+            calls.append(args)
+            return args[0]
+
+    monkeypatch.setattr(kernels, "triton_module", lambda: FakeTriton)
+    planes = torch.randn(3, 4, 5)
+    basis, scale, constant = torch.randn(2, 20), torch.randn(1, 2), torch.randn(1)
+    assert kernels._basis_filter_cuda(planes, basis, scale, constant) is planes and len(calls) == 1
+    monkeypatch.setattr(kernels, "triton_module", lambda: None)  # no Triton: PyTorch's GEMMs
+    expected = torch.ops.spanet.basis_filter_kernel(planes, basis, scale, constant)
+    torch.testing.assert_close(kernels._basis_filter_cuda(planes, basis, scale, constant), expected)

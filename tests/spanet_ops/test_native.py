@@ -75,10 +75,26 @@ def test_cuda_objects_built_whenever_toolchain_present():
     assert info["cuda"] is True and report["available"] is True, (report, info)
     archs = info["cuda_archs"].split(",")
     assert archs and all(a[:2].isdigit() for a in archs), info
-    assert report["reason"] == "built for " + ", ".join("sm_" + a for a in archs)
+    assert report["reason"] == "built for " + ", ".join("sm_" + a for a in archs) + f" (+ PTX compute_{archs[-1]})"
+    assert info["cuda_ptx"] == archs[-1]  # PTX of the highest arch, for newer GPUs
     for op in ("circular_fft_filter_kernel", "spg_lowrank_kernel", "spg_lowrank_input_grad_kernel",
                "spg_lowrank_weight_grad_kernel"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spanet::{op}", "CUDA"), op
+    # One CUDA implementation per op: the low-rank filter is Triton's (basis form), registered from Python.
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("spanet::lowrank_filter_kernel", "CUDA")
+
+
+@requires_native
+def test_cuda_arch_problem_names_the_fix():
+    info = NATIVE.build_info()
+    if not info["cuda"]:
+        assert "built without its CUDA kernels" in NATIVE.cuda_arch_problem(9, 0)
+        return
+    for arch in info["cuda_archs"].split(","):
+        assert NATIVE.cuda_arch_problem(int(arch[:-1]), int(arch[-1])) == ""
+    assert NATIVE.cuda_arch_problem(12, 0) == ""  # newer than the PTX: the driver compiles it
+    problem = NATIVE.cuda_arch_problem(7, 5)
+    assert "sm_75" in problem and "SPANET_CUDA_ARCHS=75" in problem
 
 
 @requires_native
