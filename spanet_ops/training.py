@@ -321,7 +321,7 @@ class PointwiseConv(nn.Conv2d):
         if x.device.type == "cpu" and height * width < self.tiny_map_pixels and x.is_contiguous():
             pixels = x.reshape(batch, channels, height * width).transpose(1, 2)
             out = F.linear(pixels, self.weight.flatten(1), self.bias)  # (B, HW, O)
-            return out.transpose(1, 2).contiguous().view(batch, -1, height, width)  # NCHW again (a tiny copy)
+            return out.transpose(1, 2).reshape(batch, self.out_channels, height, width)  # NCHW again (a tiny copy)
         return self._conv_forward(x, self.weight, self.bias)
 
 
