@@ -1,7 +1,7 @@
-"""Fast SPANet vs the published-way model, in one process, interleaved (issue 5).
+"""Fast SPANet vs the published-way model, in one process, interleaved.
 
 The "reference" side is, by default (``--reference published``), the tests'
-reference model (``tests/spanet/reference_model.py``): SPEC §2-3 written
+reference model (``tests/spanet/reference_model.py``): docs/spec.md §2-3 written
 literally in plain PyTorch, the published computation (per-chunk
 ``fft2 -> fftshift -> mask -> ifftshift -> ifft2``, three 1x1 convs, plain conv
 MLPs). ``--reference impl`` takes this package's model with

@@ -1,4 +1,4 @@
-"""Native kernels (issue 3): the C++/CUDA low-rank filter and spg_aggregate against the reference.
+"""Native kernels: the C++ low-rank filter and spg_aggregate against the reference.
 
 Cases (fp32, batch 32):
 
@@ -82,16 +82,14 @@ def filter_candidates(device):
 def floor_candidates(device):
     """``{impl: run}`` for one forward pass of the kernel op against ``torch.add`` (baseline: ``add``)."""
     x = torch.randn(FILTER_SHAPE, device=device).reshape(-1, 56, 56)
-    plan = circular_plan(56, 56, 2.0, torch.float32, device)
-    weight, constant = plan.lowrank_terms(torch.tensor(0.7, device=device))
-    bh, bw = plan.basis.basis_h, plan.basis.basis_w
+    args = circular_plan(56, 56, 2.0, (0.7,), None, torch.float32, device).separable.kernel_args()
 
     def add():
         torch.add(x, x, alpha=0.5)
         _sync(device)
 
     def kernel():
-        torch.ops.spanet.lowrank_filter_kernel(x, bh, bw, weight, constant)
+        torch.ops.spanet.lowrank_filter_kernel(x, *args)
         _sync(device)
 
     return {"add (memory floor)": add, "native kernel": kernel}
@@ -123,7 +121,7 @@ def depthwise_candidates(device):
 def mlp_candidates(device):
     """``{impl: run}`` for the stage-1 MLP (64 -> 256 -> 64) fwd+bwd on pixels (baseline: the three layers)."""
     gen = torch.Generator(device=device).manual_seed(2)
-    pixels = MODEL_BATCH * 56 * 56 // 2  # one of ConvMlp's two batch slices at batch 16
+    pixels = MODEL_BATCH * 56 * 56 // 2  # one of PointwiseMlp's two batch slices at batch 16
     x = torch.randn(pixels, 64, device=device, generator=gen, requires_grad=True)
     params = [
         (torch.randn(shape, device=device, generator=gen) * 0.1).requires_grad_()

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of spanet-bench's operator and module levels (issue 7).
+"""pytest-benchmark suite of spanet-bench's operator and module levels.
 
 Complements ``bench_filter.py`` (spectral_mask_filter, fp32, reference vs
 fft vs lowrank) with what it leaves out:

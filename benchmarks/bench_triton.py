@@ -51,15 +51,13 @@ def timed_ms(fn: Callable[[], object], device: torch.device, graph: bool = False
 
 def spf_problem(batch: int, channels: int, side: int, radius: float, dtype: torch.dtype, device: torch.device):
     """Planes ``(B*C, side, side)`` and the published SPF's terms in the real basis."""
-    import spanet_ops
     from spanet_ops import plans
 
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    plan = plans.circular_plan(side, side, radius, compute, device)
-    scale, constant = plan.coefficient_scales(spanet_ops.channel_lams(LAMS, channels).to(device))
+    basis, scale, constant = plans.circular_plan(side, side, radius, tuple(LAMS), channels, compute, device).basis_terms
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch * channels, side, side, generator=gen).to(device=device, dtype=dtype)
-    return x, plan.real_basis, scale.t().contiguous(), constant
+    return x, basis, scale, constant
 
 
 def pytorch_filter(x: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, constant: torch.Tensor) -> torch.Tensor:

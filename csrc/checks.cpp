@@ -1,5 +1,5 @@
-// Argument validation shared by every native kernel: user errors are TORCH_CHECKs
-// that name the offending argument, whatever the device.
+// Argument validation of the native kernels: user errors are TORCH_CHECKs that name the
+// offending argument, whatever the device.
 #include "spanet_ops.h"
 
 #include <c10/util/Exception.h>
@@ -11,48 +11,54 @@ bool is_storage_dtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_compute_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64 (the compute dtype), got ", t.scalar_type());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of basis_h (", ref.scalar_type(),
-              "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of row_factors (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", t.device());
 }
 
-void check_bases(const at::Tensor& basis_h, const at::Tensor& basis_w, int64_t height, int64_t width,
-                 const at::Tensor& x) {
-  TORCH_CHECK(basis_h.scalar_type() == at::kFloat || basis_h.scalar_type() == at::kDouble,
-              "basis_h must be float32 or float64 (the compute dtype), got ", basis_h.scalar_type());
-  TORCH_CHECK(basis_h.device() == x.device(), "basis_h must be on x's device ", x.device(), ", got ",
-              basis_h.device());
-  TORCH_CHECK(basis_h.dim() == 2 && basis_h.size(0) % 2 == 0 && basis_h.size(1) == height,
-              "basis_h must be (2K, H) with H = ", height, ", got shape ", basis_h.sizes());
-  check_compute_tensor(basis_w, "basis_w", basis_h);
-  TORCH_CHECK(basis_w.dim() == 2 && basis_w.size(0) % 2 == 0 && basis_w.size(1) == width,
-              "basis_w must be (2L, W) with W = ", width, ", got shape ", basis_w.sizes());
+void check_factors(const at::Tensor& factors, const at::Tensor& index, const at::Tensor& sign, int64_t n,
+                   const char* name, const at::Tensor& ref, const at::Tensor& x) {
+  check_like(factors, name, ref, x);
+  TORCH_CHECK(factors.dim() == 2 && factors.size(1) == n, name, " must be (R, ", n, "), got shape ", factors.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) % 2 == 0,
+              name, "'s index must be int64 (2K,), got ", index.scalar_type(), " ", index.sizes());
+  TORCH_CHECK(index.device() == x.device(), name, "'s index must be on x's device ", x.device());
+  check_like(sign, "sign", ref, x);
+  TORCH_CHECK(sign.dim() == 1 && sign.size(0) == index.size(0), name, "'s sign must be (", index.size(0),
+              ",), got shape ", sign.sizes());
+  if (index.device().is_cpu()) {  // the kernels index U with it: out-of-range rows would read stray memory
+    const at::Tensor idx = index.contiguous();
+    const int64_t* p = idx.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < idx.numel(); ++i) {
+      TORCH_CHECK(p[i] >= -1 && p[i] < factors.size(0), name, "'s index holds ", p[i], ", outside [-1, ",
+                  factors.size(0), ")");
+    }
+  }
 }
 
 }  // namespace
 
-LowRankShape check_lowrank_args(const at::Tensor& x, const at::Tensor& basis_h, const at::Tensor& basis_w,
-                                const at::Tensor& weight, const at::Tensor& constant) {
+void check_lowrank_args(const at::Tensor& x, const LowRankArgs& f) {
   TORCH_CHECK(x.dim() == 3, "lowrank_filter_kernel takes planes x (N, H, W), got shape ", x.sizes());
   TORCH_CHECK(is_storage_dtype(x.scalar_type()), "x must be float64, float32, float16 or bfloat16, got ",
               x.scalar_type());
-  LowRankShape s{x.size(0), x.size(1), x.size(2), 0, 0, 0};
-  check_bases(basis_h, basis_w, s.height, s.width, x);
-  s.k = basis_h.size(0) / 2;
-  s.l = basis_w.size(0) / 2;
-  check_compute_tensor(weight, "weight", basis_h);
-  TORCH_CHECK(weight.dim() == 3 && weight.size(1) == s.k && weight.size(2) == s.l,
-              "weight must be (P, K, L) with K = ", s.k, ", L = ", s.l, ", got shape ", weight.sizes());
-  s.planes = weight.size(0);
-  check_compute_tensor(constant, "constant", basis_h);
-  TORCH_CHECK(constant.dim() == 1 && constant.size(0) == s.planes, "constant must be (P,) with P = ", s.planes,
-              ", got shape ", constant.sizes());
-  TORCH_CHECK(s.planes > 0 && s.n % s.planes == 0, "the number of planes N = ", s.n,
-              " must be a multiple of the mask planes P = ", s.planes);
-  return s;
+  TORCH_CHECK(f.row_factors.scalar_type() == at::kFloat || f.row_factors.scalar_type() == at::kDouble,
+              "row_factors must be float32 or float64 (the compute dtype), got ", f.row_factors.scalar_type());
+  check_factors(f.row_factors, f.row_index, f.row_sign, x.size(1), "row_factors", f.row_factors, x);
+  check_factors(f.col_factors, f.col_index, f.col_sign, x.size(2), "col_factors", f.row_factors, x);
+  TORCH_CHECK(f.even_rows >= -1 && f.even_rows <= f.row_factors.size(0), "even_rows must be in [-1, ",
+              f.row_factors.size(0), "], got ", f.even_rows);
+  const int64_t k = f.row_index.size(0) / 2, l = f.col_index.size(0) / 2;
+  check_like(f.weight, "weight", f.row_factors, x);
+  TORCH_CHECK(f.weight.dim() == 3 && f.weight.size(1) == k && f.weight.size(2) == l,
+              "weight must be (P, K, L) with K = ", k, ", L = ", l, ", got shape ", f.weight.sizes());
+  const int64_t planes = f.weight.size(0);
+  check_like(f.constant, "constant", f.row_factors, x);
+  TORCH_CHECK(f.constant.dim() == 1 && f.constant.size(0) == planes, "constant must be (P,) with P = ", planes,
+              ", got shape ", f.constant.sizes());
+  TORCH_CHECK(planes > 0 && x.size(0) % planes == 0, "the number of planes N = ", x.size(0),
+              " must be a multiple of the mask planes P = ", planes);
 }
 
 }  // namespace spanet

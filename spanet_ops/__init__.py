@@ -7,6 +7,7 @@ Public API:
 * :func:`circular_mask` — the published circular mask at any size.
 * :func:`spectral_pooling_filter` — the published SPF, no mask to build.
 * :func:`spg_aggregate` — SPAM's fused split-SPG aggregation.
+* :mod:`spanet_ops.training` — the training-only CPU fast paths and their layers.
 * :mod:`spanet_ops.reference` — paper-literal implementations.
 * :func:`backends` — which kernels are present, and why any is absent.
 
@@ -14,19 +15,19 @@ The operators are ``torch.library`` custom ops in the ``spanet`` namespace
 (``torch.ops.spanet.*``), with fake kernels and registered autograd, so they
 work under ``torch.compile`` and ``torch.export``.
 """
-from . import reference
-from .api import channel_lams, chunk_sizes, spectral_mask_filter, spectral_pooling_filter, spg_aggregate
+from . import reference, training
 from .backends import backends
 from .masks import circular_mask
+from .ops import PUBLISHED_LAMS, spectral_mask_filter, spectral_pooling_filter, spg_aggregate
 from .plans import clear_plan_caches
-from .validation import ALGORITHMS
+from .validation import ALGORITHMS, chunk_sizes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
+    "PUBLISHED_LAMS",
     "backends",
-    "channel_lams",
     "chunk_sizes",
     "circular_mask",
     "clear_plan_caches",
@@ -34,4 +35,5 @@ __all__ = [
     "spectral_mask_filter",
     "spectral_pooling_filter",
     "spg_aggregate",
+    "training",
 ]

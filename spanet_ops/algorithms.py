@@ -16,9 +16,14 @@ from .validation import compute_dtype
 
 
 def fft_filter(x: Tensor, half_mask: Tensor) -> Tensor:
-    """``irfft2(half_mask * rfft2(x))``: no shifts, no full complex spectrum (SPEC §1 facts 1-2)."""
-    spectrum = torch.fft.rfft2(x, norm="ortho")
-    return torch.fft.irfft2(spectrum * half_mask, s=x.shape[-2:], norm="ortho")
+    """``irfft2(half_mask * rfft2(x))`` with unnormalised transforms: no shifts, no full complex spectrum.
+
+    ``half_mask`` is the natural-layout, Hermitian-symmetrised mask's first ``W//2 + 1``
+    columns with the orthonormal transforms' ``1 / (H W)`` folded in, so no pass over
+    the data scales it.
+    """
+    spectrum = torch.fft.rfft2(x, norm="backward")
+    return torch.fft.irfft2(spectrum * half_mask, s=x.shape[-2:], norm="forward")
 
 
 def _coefficient_scale(grid: Tensor, weight: Tensor) -> Tensor:
@@ -42,20 +47,54 @@ def synthesis(coefficients: Tensor, basis_h: Tensor, basis_w: Tensor) -> Tensor:
 
 
 def lowrank_filter(
-    x: Tensor, basis_h: Tensor, basis_w: Tensor, weight: Tensor, constant: Tensor
+    x: Tensor,
+    row_factors: Tensor,
+    row_index: Tensor,
+    row_sign: Tensor,
+    even_rows: int,
+    col_factors: Tensor,
+    col_index: Tensor,
+    col_sign: Tensor,
+    weight: Tensor,
+    constant: Tensor,
 ) -> Tensor:
-    """The low-rank filter of planes ``x`` ``(N, H, W)`` in any storage dtype.
+    """The separable low-rank filter of planes ``x`` ``(N, H, W)`` in any storage dtype.
 
-    ``weight`` ``(P, K, L)`` and ``constant`` ``(P,)`` hold the mask's terms
-    with ``N % P == 0``: plane ``n`` uses mask plane ``n % P``. Arithmetic is in
-    the bases' dtype; the result has ``x``'s dtype.
+    The bases come factored (:class:`spanet_ops.plans.Factors`: distinct rows, index and
+    sign per row; ``even_rows`` is only a hint for kernels that fold the passes).
+    ``weight`` ``(P, K, L)`` and ``constant`` ``(P,)`` hold the mask's terms with
+    ``N % P == 0``: plane ``n`` uses mask plane ``n % P``. Arithmetic is in the bases'
+    dtype; the result has ``x``'s dtype.
     """
     n, height, width = x.shape
     planes = weight.shape[0]
+    basis_h = _unfactor(row_factors, row_index, row_sign)
+    basis_w = _unfactor(col_factors, col_index, col_sign)
     xc = x.to(basis_h.dtype).reshape(n // planes, planes, height, width)
     coefficients = _coefficient_scale(analysis(xc, basis_h, basis_w), weight)
     y = synthesis(coefficients, basis_h, basis_w)
     y = y.addcmul_(xc, constant[:, None, None])
+    return y.reshape(n, height, width).to(x.dtype)
+
+
+def _unfactor(unique: Tensor, index: Tensor, sign: Tensor) -> Tensor:
+    """The full basis ``(2K, N)`` from its factors: row ``p`` is ``sign[p] * unique[index[p]]`` (zero for -1)."""
+    rows = torch.cat([unique, unique.new_zeros(1, unique.shape[1])])
+    return rows[index] * sign[:, None]
+
+
+def basis_filter(x: Tensor, basis: Tensor, scale: Tensor, constant: Tensor) -> Tensor:
+    """The low-rank filter of planes ``x`` ``(N, H, W)`` in the real basis: two GEMMs.
+
+    ``y[n] = constant[p] x[n] + sum_j scale[p, j] <basis_j, x[n]> basis_j`` with
+    ``basis`` ``(J, H*W)`` orthonormal, ``scale`` ``(P, J)``, ``constant`` ``(P,)``,
+    ``p = n % P``. Arithmetic in the basis' dtype; the result has ``x``'s dtype.
+    """
+    n, height, width = x.shape
+    planes = scale.shape[0]
+    xc = x.to(basis.dtype).reshape(n // planes, planes, height * width)
+    coefficients = torch.matmul(xc, basis.transpose(0, 1)).mul_(scale)
+    y = torch.baddbmm(xc * constant[:, None], coefficients, basis.expand(n // planes, -1, -1))
     return y.reshape(n, height, width).to(x.dtype)
 
 
@@ -132,7 +171,7 @@ def spg_lowrank(
     constant: Tensor,
     inplace: bool = True,
 ) -> Tensor:
-    """The split-SPG aggregation ``sum_c W[:, c] SPF_c(x_c) + b`` on the low-rank path (SPEC §2).
+    """The split-SPG aggregation ``sum_c W[:, c] SPF_c(x_c) + b`` on the low-rank path (docs/spec.md §2).
 
     ``x`` ``(B, C, H, W)`` (NCHW or channels_last; the result has the same
     layout), ``weight`` ``(O, C)``, ``real_basis`` ``(J, H*W)`` and the
@@ -183,18 +222,6 @@ def spg_lowrank_weight_grad(grad: Tensor, x: Tensor, real_basis: Tensor, scale: 
     return dense_1x1_weight_grad(g3, x3, layout) * constant + spectral
 
 
-def gelu_with_slope(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """The exact (erf) GELU of ``x`` and its derivative: ``(x Phi(x), Phi(x) + x phi(x))``.
-
-    ``Phi``/``phi`` are the standard normal CDF/density; computed in the
-    compute dtype (float32 for half types), returned in ``x``'s dtype.
-    """
-    xc = x.to(compute_dtype(x.dtype))
-    cdf = 0.5 * (1.0 + torch.erf(xc * math.sqrt(0.5)))
-    slope = cdf + xc * torch.exp(-0.5 * xc * xc) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (xc * cdf).to(x.dtype), slope.to(x.dtype)
-
-
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """A 1x1 convolution with a 2-D weight ``(O, C)``."""
     return F.conv2d(x, weight[:, :, None, None], bias)
@@ -213,7 +240,7 @@ def half_to_full(half: Tensor, width: int) -> Tensor:
 
 
 def mask_gradient(x: Tensor, grad_output: Tensor) -> Tensor:
-    """``Re(conj(X) G)`` in the natural layout, per plane (SPEC §1 fact 4), in the inputs' dtype."""
+    """``Re(conj(X) G)`` in the natural layout, per plane (docs/spec.md §1 fact 4), in the inputs' dtype."""
     spec_x = torch.fft.rfft2(x, norm="ortho")
     spec_g = torch.fft.rfft2(grad_output, norm="ortho")
     half = spec_x.real * spec_g.real + spec_x.imag * spec_g.imag

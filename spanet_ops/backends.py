@@ -1,9 +1,11 @@
-"""Which kernels are present, and the choice between them.
+"""Which kernels are present.
 
 The native extension (``spanet_ops._C``, built from ``csrc/``) registers CPU and
 CUDA kernels for the ``spanet`` kernel ops when it is imported; without it the
-ops run their PyTorch implementation, after one warning. Triton kernels serve
-CUDA tensors when Triton is importable.
+ops run their PyTorch implementation, after one warning. The Triton kernels
+(:mod:`spanet_ops.triton`) are registered as ``basis_filter_kernel``'s CUDA kernel
+by :mod:`spanet_ops.ops.kernels` and imported on first use. The dispatcher then
+picks, per device, the kernel registered for it: nothing here chooses per call.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import warnings
 from typing import Dict
 
 import torch
-from torch import Tensor
 
 _native = None
 _native_error: str = ""
@@ -45,6 +46,17 @@ def native_module():
     return _native
 
 
+def cuda_device_problem() -> str:
+    """Why the native CUDA kernels cannot run on the current CUDA device ("" when they can, or without a GPU).
+
+    The build holds SASS for ``SPANET_CUDA_ARCHS`` and PTX of the highest; another
+    architecture (e.g. sm_75) needs a rebuild, which the message says how to do.
+    """
+    if _native is None or not _native.has_cuda() or not torch.cuda.is_available():
+        return ""
+    return _native.cuda_arch_problem(*torch.cuda.get_device_capability())
+
+
 def backends() -> Dict[str, Dict[str, object]]:
     """Report each kernel family: ``{"name": {"available": bool, "reason": str}}``."""
     report = {"pytorch": {"available": True, "reason": "always present"}}
@@ -54,7 +66,13 @@ def backends() -> Dict[str, Dict[str, object]]:
     }
     cuda_built = bool(_native is not None and _native.has_cuda())
     if cuda_built:
-        cuda_reason = f"built for sm_{_native.build_info()['cuda_archs'].replace(',', ', sm_')}"
+        info = _native.build_info()
+        cuda_reason = f"built for sm_{info['cuda_archs'].replace(',', ', sm_')}"
+        if info.get("cuda_ptx"):
+            cuda_reason += f" (+ PTX compute_{info['cuda_ptx']})"
+        problem = cuda_device_problem()
+        if problem:
+            cuda_built, cuda_reason = False, problem
     elif _native is not None:
         cuda_reason = _native.build_info()["cuda_reason"] or "not compiled into the extension"
     else:
@@ -68,34 +86,15 @@ def backends() -> Dict[str, Dict[str, object]]:
     return report
 
 
-def use_triton(t: Tensor) -> bool:
-    """Whether the Triton kernels serve tensor ``t`` (CUDA tensors, Triton importable)."""
-    return t.is_cuda and triton_available()
-
-
 @functools.lru_cache(maxsize=None)
+def triton_module():
+    """:mod:`spanet_ops.triton` (the CUDA kernels of ``basis_filter_kernel``), imported once; None without Triton."""
+    try:
+        return importlib.import_module("spanet_ops.triton")
+    except ImportError:
+        return None
+
+
 def triton_available() -> bool:
     """Whether :mod:`spanet_ops.triton` imports (Triton present); tried once, on first use."""
-    try:
-        importlib.import_module("spanet_ops.triton")
-    except ImportError:
-        return False
-    return True
-
-
-def lowrank_filter(planes: Tensor, basis_h: Tensor, basis_w: Tensor, weight: Tensor, constant: Tensor) -> Tensor:
-    """The fused low-rank filter on contiguous planes ``(N, H, W)`` with the best kernel present."""
-    if use_triton(planes):
-        from .triton import lowrank_filter as triton_lowrank_filter
-
-        return triton_lowrank_filter(planes, basis_h, basis_w, weight, constant)
-    return torch.ops.spanet.lowrank_filter_kernel(planes, basis_h, basis_w, weight, constant)
-
-
-def circular_fft_filter(x: Tensor, lam: Tensor, radius: float) -> Tensor:
-    """The fft algorithm of the circular-mask SPF on ``x`` (compute dtype) with the best kernel present.
-
-    On CUDA tensors with the native CUDA kernels built: cuFFT with the mask computed per bin from
-    ``(radius, lam_c)``; otherwise the op's PyTorch default (half mask from the cached plan).
-    """
-    return torch.ops.spanet.circular_fft_filter_kernel(x, lam, float(radius))
+    return triton_module() is not None

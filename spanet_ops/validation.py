@@ -1,12 +1,16 @@
-"""Input validation shared by every operator, backend and fake kernel.
+"""Input validation shared by every operator family, backend and fake kernel.
 
-The checks use ``torch._check_*`` so that the same code runs on real tensors
-and on fake (symbolic) tensors during tracing. Errors name the problem:
-``TypeError`` for a wrong dtype, ``ValueError`` for a wrong shape or value.
+The same checks run on real tensors and on fake (symbolic) tensors while
+tracing: :func:`require` raises at once on a concrete condition and hands a
+symbolic one to ``torch._check_*`` (which records it without a guard). Errors
+name the problem: ``TypeError`` for a wrong dtype or argument type,
+``ValueError`` for a wrong shape, device or value. Nothing here reads tensor data.
 """
 from __future__ import annotations
 
 import math
+from numbers import Real
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -15,37 +19,93 @@ ALGORITHMS = ("auto", "fft", "lowrank", "reference")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+def require(condition, message: Callable[[], str], error: type = ValueError) -> None:
+    """Raise ``error(message())`` unless ``condition`` holds (concrete fast path; symbolic via ``torch._check``)."""
+    if condition is True:
+        return
+    if condition is False:
+        raise error(message())
+    (torch._check_type if error is TypeError else torch._check_value)(condition, message)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic dtype for storage ``dtype``: fp64 stays fp64, everything else uses fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_algorithm(algorithm: str) -> None:
-    """Reject an unknown algorithm name."""
-    if algorithm not in ALGORITHMS:
+def check_algorithm(algorithm) -> str:
+    """Reject an unknown algorithm name (or a non-string); returns it."""
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    return algorithm
+
+
+def check_radius(radius) -> float:
+    """Require a real, finite, non-negative radius (``bool`` is not a number here); returns it as a float."""
+    if isinstance(radius, bool) or not isinstance(radius, Real):
+        raise TypeError(f"radius must be a real number, got {type(radius).__name__} {radius!r}")
+    value = float(radius)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"radius must be a finite non-negative number, got {radius!r}")
+    return value
+
+
+def check_lams(lams) -> Tuple[float, ...]:
+    """Require a non-empty sequence of balances in ``[0, 1]`` (Python numbers); returns them as floats."""
+    if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence):
+        raise TypeError(f"lams must be a sequence of floats, got {type(lams).__name__}")
+    values = tuple(lams)
+    if not values:
+        raise ValueError("lams must hold at least one balance")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise TypeError(f"lams must be floats, got {v!r} in {list(values)!r}")
+        if not 0.0 <= float(v) <= 1.0:  # also refuses NaN
+            raise ValueError(f"lam must lie in [0, 1], got {v!r} in {list(values)!r}")
+    return tuple(float(v) for v in values)
 
 
 def check_real_floating(t: Tensor, name: str) -> None:
     """Require a real floating tensor of a supported dtype."""
-    torch._check_type(
+    require(
         t.dtype in FLOAT_DTYPES,
         lambda: f"{name} must be a real floating tensor (float64, float32, float16 or bfloat16), got {t.dtype}",
+        TypeError,
     )
 
 
+def check_same_device(x: Tensor, other: Optional[Tensor], x_name: str, other_name: str) -> None:
+    """Require ``other`` (if given) on ``x``'s device: a kernel would read the wrong memory otherwise."""
+    if other is not None:
+        require(
+            other.device == x.device,
+            lambda: f"{other_name} is on {other.device} but {x_name} is on {x.device}; move both to one device",
+        )
+
+
 def check_spatial(x: Tensor, name: str = "x") -> None:
-    """Require at least two (spatial) dimensions."""
-    torch._check_value(
+    """Require at least two (spatial) dimensions, neither of size zero.
+
+    Empty batch or channel dims are fine (the result is empty, as aten's);
+    an empty plane has no DFT, and torch.fft refuses it too.
+    """
+    require(
         x.dim() >= 2, lambda: f"{name} must have at least 2 dims (..., H, W), got shape {tuple(x.shape)}"
+    )
+    require(
+        x.shape[-2] != 0 and x.shape[-1] != 0,
+        lambda: f"{name} has an empty plane (H, W) = {tuple(x.shape[-2:])}: the spectral filter needs H, W >= 1",
     )
 
 
 def check_mask(x: Tensor, mask: Tensor) -> None:
-    """Require ``mask`` real, with ``x``'s spatial size, broadcastable to ``x`` without growing it."""
+    """Require ``mask`` real, on ``x``'s device, with ``x``'s spatial size, broadcastable to ``x`` without growing it."""
     check_real_floating(mask, "mask")
-    check_spatial(mask, "mask")
-    torch._check_value(
+    check_same_device(x, mask, "x", "mask")
+    require(
+        mask.dim() >= 2, lambda: f"mask must have at least 2 dims (..., H, W), got shape {tuple(mask.shape)}"
+    )
+    require(
         mask.shape[-2] == x.shape[-2] and mask.shape[-1] == x.shape[-1],
         lambda: f"mask spatial size {tuple(mask.shape[-2:])} does not match x's {tuple(x.shape[-2:])}",
     )
@@ -53,44 +113,52 @@ def check_mask(x: Tensor, mask: Tensor) -> None:
     if ok:
         for m, n in zip(reversed(mask.shape[:-2]), reversed(x.shape[:-2])):
             ok = ok and (m == 1 or m == n)
-    torch._check_value(
+    require(
         ok, lambda: f"mask of shape {tuple(mask.shape)} is not broadcastable to x of shape {tuple(x.shape)}"
     )
 
 
-def check_filter_inputs(x: Tensor, mask: Tensor, algorithm: str) -> None:
-    """All checks of ``spectral_mask_filter``."""
-    check_real_floating(x, "x")
-    check_spatial(x)
-    check_mask(x, mask)
-    check_algorithm(algorithm)
+def check_chunked_lams(channels: Optional[int], lams: Tuple[float, ...], what: str) -> None:
+    """Require ``len(lams)`` balances to split ``channels`` channels with ``torch.chunk`` into one chunk each.
 
-
-def check_radius(radius: float) -> None:
-    """Require a finite, non-negative radius."""
-    if not (isinstance(radius, (int, float)) and math.isfinite(radius)) or radius < 0:
-        raise ValueError(f"radius must be a finite non-negative number, got {radius!r}")
-
-
-def check_lam_values(lam: Tensor, *, cpu_only: bool = False) -> None:
-    """Require every balance in ``[0, 1]`` (reads the values: call on real tensors only).
-
-    With ``cpu_only`` a device tensor is not read: the ops pass it on hot paths,
-    where a host-device synchronisation per call would cost more than the
-    filter; the public functions check device tensors before calling the ops.
+    ``channels`` is None when ``x`` has no channel dim; then only one balance fits.
     """
-    if cpu_only and lam.device.type != "cpu":
+    if len(lams) == 1:
         return
-    if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
-        raise ValueError(f"lam must lie in [0, 1], got {lam.tolist()}")
+    if channels is None:
+        raise ValueError(f"{what}: {len(lams)} balances need a channel dim (..., C, H, W), but x has none")
+    chunks = len(chunk_sizes(channels, len(lams))) if channels else 0
+    require(
+        chunks == len(lams),
+        lambda: f"{what}: {channels} channels split by torch.chunk into {chunks} chunks, not {len(lams)}: "
+        "give one balance per chunk (or one per channel)",
+    )
 
 
-def check_channel_lam(x: Tensor, lam: Tensor) -> None:
-    """Require ``lam`` scalar or ``(C,)`` with ``C = x.shape[-3]``."""
-    torch._check_value(lam.dim() <= 1, lambda: f"lam must be 0-d or (C,), got shape {tuple(lam.shape)}")
-    if lam.dim() == 1 and lam.shape[0] != 1:
-        torch._check_value(
-            x.dim() >= 3 and x.shape[-3] == lam.shape[0],
-            lambda: f"per-channel lam has {lam.shape[0]} entries but x of shape {tuple(x.shape)} "
-            f"has {x.shape[-3] if x.dim() >= 3 else 'no'} channels (dim -3)",
-        )
+#: Balance, channel, radius and algorithm combinations already accepted by :func:`check_terms`.
+_ACCEPTED_TERMS: set = set()
+
+
+def check_terms(channels: Optional[int], lams, radius: float, algorithm: str, what: str) -> None:
+    """All checks of an op's non-tensor arguments: radius, balances (chunking ``channels``), algorithm.
+
+    An accepted combination is remembered, so repeated calls cost one set lookup
+    (symbolic channel counts, while tracing, are checked every time).
+    """
+    traced = isinstance(channels, torch.SymInt)
+    key = None if traced else (tuple(lams), channels, radius, algorithm)
+    if key is not None and key in _ACCEPTED_TERMS:
+        return
+    check_radius(radius)
+    check_chunked_lams(channels, check_lams(lams), what)
+    check_algorithm(algorithm)
+    if key is not None and len(_ACCEPTED_TERMS) < 4096:
+        _ACCEPTED_TERMS.add(key)
+
+
+def chunk_sizes(channels: int, chunks: int = 3) -> list:
+    """Channel counts of ``torch.chunk(x, chunks, dim=1)`` for ``channels`` channels (e.g. 64 -> 22, 22, 20)."""
+    if channels <= 0:
+        return []
+    size = -(-channels // chunks)
+    return [min(size, channels - start) for start in range(0, channels, size)]

@@ -1,18 +1,23 @@
-// CPU kernel of the spanet kernel op lowrank_filter_kernel: the fused low-rank spectral
-// filter (SPEC §1 fact 3).
+// CPU kernel of the spanet kernel op lowrank_filter_kernel: the fused separable low-rank
+// spectral filter (spanet_ops/plans.py explains the form).
 //
 // Per plane x (H x W) with the real partial-DFT bases A (2K x H) and B (2L x W):
 //   analysis   G = A x B^T                  (2K x 2L)
 //   scaling    Z = [[R, Q], [Q, -R]],  R = w (G_ac - G_bd),  Q = w (G_bc + G_ad)
 //   synthesis  y = alpha * src + A^T Z B
 // exactly as spanet_ops/algorithms.py (_coefficient_scale, analysis, synthesis).
+// The bases arrive factored by the plan (spanet_ops.plans.Factors): A = S_A U_A with U_A the
+// distinct non-zero rows (cosines of each distinct |k| first, even under h -> H - h, then sines,
+// odd), and a row index and sign per row of A; likewise B. All passes run on U_A and U_B: the
+// analysis computes U_A x U_B^T and spreads it with the signs; the synthesis first folds the
+// signs into the coefficients, S_A^T Z S_B.
 // Each plane is read once from memory (the synthesis re-reads it from L1/L2 for the
 // constant term) and written once, in address order with streaming stores from the
 // thread's workspace, while the next plane is requested; planes whose dtype or width does
 // not suit the vector loops go through a per-thread padded buffer in the compute dtype.
-// For the row structures of the published discs both passes are folded: a row of A and its
-// mirror h -> H - h share their factors up to the sign (cos even, sin odd), which halves the
-// multiply-adds (see FoldedPasses); other masks take the plain passes.
+// For the row structures of the published discs both passes are folded: a row of U_A and its
+// mirror h -> H - h share their factors up to the parity, which halves the multiply-adds (see
+// FoldedPasses); other masks take the plain passes.
 // Planes are spread over threads with at::parallel_for (OpenMP); the inner loops work
 // on register blocks of fixed size that the compiler vectorises.
 #include <ATen/ATen.h>
@@ -24,9 +29,7 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -98,49 +101,7 @@ inline acc_t hsum(vec_t<acc_t> v) {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Factor the rows of a basis (n_rows x n) as basis = S U: U holds the distinct non-zero rows,
-// row_of[p] the row of U behind row p (-1 for a zero row) and sign[p] = +-1. Rows count as
-// equal within a few ulps of the compute dtype. Returns the indices of U's rows in basis.
-template <typename acc_t>
-std::vector<int64_t> factor_rows(const acc_t* basis, int64_t n_rows, int64_t n, std::vector<int64_t>& row_of,
-                                 std::vector<acc_t>& sign) {
-  const acc_t tol = 16 * std::numeric_limits<acc_t>::epsilon();
-  row_of.assign(n_rows, -1);
-  sign.assign(n_rows, acc_t(0));
-  std::vector<int64_t> unique;
-  for (int64_t p = 0; p < n_rows; ++p) {
-    const acc_t* row = basis + p * n;
-    acc_t peak = 0;
-    for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(row[i]));
-    if (peak <= tol) continue;  // a zero row (sin of frequency 0 or Nyquist)
-    for (size_t u = 0; u < unique.size() && row_of[p] < 0; ++u) {
-      const acc_t* other = basis + unique[u] * n;
-      for (const acc_t s : {acc_t(1), acc_t(-1)}) {
-        bool same = true;
-        for (int64_t i = 0; i < n && same; ++i) same = std::abs(row[i] - s * other[i]) <= tol * peak;
-        if (same) {
-          row_of[p] = static_cast<int64_t>(u);
-          sign[p] = s;
-          break;
-        }
-      }
-    }
-    if (row_of[p] < 0) {
-      row_of[p] = static_cast<int64_t>(unique.size());
-      sign[p] = 1;
-      unique.push_back(p);
-    }
-  }
-  return unique;
-}
-
-// The bases of one call, prepared for the plane loops.
-//
-// The rows of A and B come in cos/sin pairs for frequencies k and -k, so many are equal,
-// opposite or zero (cos(-k) = cos(k), sin(-k) = -sin(k), sin(0) = 0): A = S_A U_A and
-// B = S_B U_B with U the distinct non-zero rows (5 of 10 for the published r = 2 disc). All
-// passes run on U_A and U_B: the analysis computes U_A x U_B^T and spreads it with the signs;
-// the synthesis first folds the signs into the coefficients, S_A^T Z S_B.
+// The factored bases of one call, laid out for the plane loops.
 template <typename acc_t>
 struct Geometry {
   int64_t height, width, padded, k2, l2;  // k2 = 2K, l2 = 2L, padded = width rounded up to kLanes
@@ -149,45 +110,27 @@ struct Geometry {
   std::vector<acc_t> row_sign, col_sign;  // (2K), (2L)
   std::vector<acc_t> unique_t;            // (H, rows): U_A transposed, a row's factors contiguous
   std::vector<acc_t> unique_w;            // (cols, padded): U_B with zero columns beyond W
-  int64_t even_rows = -1;                 // U_A's rows are [even_rows even, then odd] in h <-> H-h; -1: not so
+  int64_t even_rows;                      // U_A's rows are [even_rows even, then odd] in h <-> H-h; -1: unknown
 
-  Geometry(const at::Tensor& bh, const at::Tensor& bw)
-      : height(bh.size(1)), width(bw.size(1)), padded(round_up(bw.size(1), kLanes<acc_t>)), k2(bh.size(0)),
-        l2(bw.size(0)) {
-    const acc_t* a = bh.const_data_ptr<acc_t>();
-    const acc_t* b = bw.const_data_ptr<acc_t>();
-    const std::vector<int64_t> ua = factor_rows(a, k2, height, row_of, row_sign);
-    const std::vector<int64_t> ub = factor_rows(b, l2, width, col_of, col_sign);
-    rows = static_cast<int64_t>(ua.size());
-    cols = static_cast<int64_t>(ub.size());
+  Geometry(const LowRankArgs& f)
+      : height(f.row_factors.size(1)), width(f.col_factors.size(1)), padded(round_up(width, kLanes<acc_t>)),
+        k2(f.row_index.size(0)), l2(f.col_index.size(0)), rows(f.row_factors.size(0)), cols(f.col_factors.size(0)),
+        even_rows(f.even_rows) {
+    const at::Tensor ri = f.row_index.contiguous(), ci = f.col_index.contiguous();
+    row_of.assign(ri.const_data_ptr<int64_t>(), ri.const_data_ptr<int64_t>() + k2);
+    col_of.assign(ci.const_data_ptr<int64_t>(), ci.const_data_ptr<int64_t>() + l2);
+    const at::Tensor rs = f.row_sign.contiguous(), cs = f.col_sign.contiguous();
+    row_sign.assign(rs.const_data_ptr<acc_t>(), rs.const_data_ptr<acc_t>() + k2);
+    col_sign.assign(cs.const_data_ptr<acc_t>(), cs.const_data_ptr<acc_t>() + l2);
+    const at::Tensor ua = f.row_factors.contiguous(), ub = f.col_factors.contiguous();
+    const acc_t* a = ua.const_data_ptr<acc_t>();
+    const acc_t* b = ub.const_data_ptr<acc_t>();
     unique_t.resize(height * rows);
     for (int64_t u = 0; u < rows; ++u)
-      for (int64_t h = 0; h < height; ++h) unique_t[h * rows + u] = a[ua[u] * height + h];
+      for (int64_t h = 0; h < height; ++h) unique_t[h * rows + u] = a[u * height + h];
     unique_w.assign(cols * padded, acc_t(0));
     for (int64_t v = 0; v < cols; ++v)
-      for (int64_t w = 0; w < width; ++w) unique_w[v * padded + w] = b[ub[v] * width + w];
-    even_rows = row_parity_split();
-  }
-
-  // Rows of the DFT are even (cos) or odd (sin) under h -> H - h (mod H); the bases list their
-  // cos rows first. Returns how many leading rows are even when every later one is odd, else -1.
-  int64_t row_parity_split() const {
-    const acc_t tol = 16 * std::numeric_limits<acc_t>::epsilon();
-    int64_t split = 0;
-    for (int64_t u = 0; u < rows; ++u) {
-      bool even = true, odd = true;
-      for (int64_t h = 0; h < height; ++h) {
-        const acc_t a = unique_t[h * rows + u], b = unique_t[((height - h) % height) * rows + u];
-        even = even && std::abs(a - b) <= tol;
-        odd = odd && std::abs(a + b) <= tol;
-      }
-      if (even && split == u) {
-        ++split;
-      } else if (!odd) {
-        return -1;
-      }
-    }
-    return split;
+      for (int64_t w = 0; w < width; ++w) unique_w[v * padded + w] = b[v * width + w];
   }
 };
 
@@ -574,9 +517,10 @@ struct PlaneIO {
 };
 
 template <typename scalar_t, typename acc_t>
-void lowrank_planes(const at::Tensor& x, const at::Tensor& basis_h, const at::Tensor& basis_w,
-                    const at::Tensor& weight, const at::Tensor& constant, at::Tensor& out, int64_t planes) {
-  const Geometry<acc_t> g(basis_h, basis_w);
+void lowrank_planes(const at::Tensor& x, const LowRankArgs& f, at::Tensor& out) {
+  const Geometry<acc_t> g(f);
+  const at::Tensor weight = f.weight.contiguous(), constant = f.constant.contiguous();
+  const int64_t planes = weight.size(0);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = out.mutable_data_ptr<scalar_t>();
   const acc_t* wp = weight.const_data_ptr<acc_t>();
@@ -597,19 +541,21 @@ void lowrank_planes(const at::Tensor& x, const at::Tensor& basis_h, const at::Te
   });
 }
 
-at::Tensor lowrank_filter_cpu(const at::Tensor& x, const at::Tensor& basis_h, const at::Tensor& basis_w,
-                              const at::Tensor& weight, const at::Tensor& constant) {
-  const LowRankShape s = check_lowrank_args(x, basis_h, basis_w, weight, constant);
+at::Tensor lowrank_filter_cpu(const at::Tensor& x, const at::Tensor& row_factors, const at::Tensor& row_index,
+                              const at::Tensor& row_sign, int64_t even_rows, const at::Tensor& col_factors,
+                              const at::Tensor& col_index, const at::Tensor& col_sign, const at::Tensor& weight,
+                              const at::Tensor& constant) {
+  const LowRankArgs f{row_factors, row_index, row_sign, even_rows, col_factors, col_index, col_sign, weight, constant};
+  check_lowrank_args(x, f);
   TORCH_CHECK(x.device().is_cpu(), "lowrank_filter_kernel (CPU): x must be a CPU tensor");
-  const at::Tensor xc = x.contiguous(), bh = basis_h.contiguous(), bw = basis_w.contiguous();
-  const at::Tensor wc = weight.contiguous(), cc = constant.contiguous();
+  const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
   if (xc.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "lowrank_filter_cpu", [&] {
-    if (bh.scalar_type() == at::kDouble) {
-      lowrank_planes<scalar_t, double>(xc, bh, bw, wc, cc, out, s.planes);
+    if (row_factors.scalar_type() == at::kDouble) {
+      lowrank_planes<scalar_t, double>(xc, f, out);
     } else {
-      lowrank_planes<scalar_t, float>(xc, bh, bw, wc, cc, out, s.planes);
+      lowrank_planes<scalar_t, float>(xc, f, out);
     }
   });
   return out;

@@ -2,12 +2,13 @@
 //
 // * spanet::circular_fft_filter_kernel — the fft algorithm of the published circular mask on
 //   cuFFT (through ATen's rfft2/irfft2, which plan-cache cuFFT): the half spectrum is scaled
-//   in place by the mask, computed per bin from (radius, lam_c), so no mask tensor is read.
+//   in place by the mask, computed per bin from the disc's exact integer thresholds and lam_c
+//   (spanet_ops.masks.DiscThresholds), so no mask tensor is read.
 //   Both transforms run unnormalised and the 1/(H W) of the ortho pair is folded into the
 //   mask, so the spectrum is touched once between them.
 //
 // The low-rank filter has no native CUDA kernel: on CUDA it is the Triton kernel
-// spanet_ops/triton/basis_filter.py. The maths matches spanet_ops/algorithms.py (fft_filter)
+// spanet_ops/triton/kernel.py. The maths matches spanet_ops/algorithms.py (fft_filter)
 // and spanet_ops/plans.py (CircularPlan.half_mask). Kernels run on the current stream under a
 // device guard, after a check that this build has code for the device (cuda_arch_problem in
 // csrc/binding.cpp); user errors are TORCH_CHECKs. Only c10/cuda headers are used (not
@@ -56,24 +57,24 @@ void check_device_supported(const c10::Device& device) {
 template <typename acc_t>
 __global__ void circular_mask_kernel(c10::complex<acc_t>* __restrict__ spectrum, int64_t total, int height,
                                      int width, int half_width, const float* __restrict__ lam, int64_t channels,
-                                     double radius_sq, acc_t scale) {
+                                     int64_t inside_limit, int64_t edge, acc_t scale) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= total) return;
   const int col = static_cast<int>(i % half_width);
   const int64_t row_plane = i / half_width;
   const int row = static_cast<int>(row_plane % height);
   const int64_t plane = row_plane / height;
-  // Signed frequencies of the natural layout; the integer squared distance makes d == r exact.
+  // Signed frequencies of the natural layout; the decisions on the integer squared distance are exact.
   const int64_t u = row < (height + 1) / 2 ? row : row - height;
   const int64_t v = col < (width + 1) / 2 ? col : col - width;
-  const double d2 = static_cast<double>(u * u + v * v);
+  const int64_t d2 = u * u + v * v;
   const float balance = lam[channels > 1 ? plane % channels : 0];
-  // float32 values as the published mask: lam inside, 1/3 on the circle, 1 - lam outside.
-  const float value = d2 < radius_sq ? balance : (d2 == radius_sq ? 1.0f / 3.0f : 1.0f - balance);
+  // float32 values as the published mask: lam inside (d < r), 1/3 on the circle (d == r), 1 - lam outside.
+  const float value = d2 < inside_limit ? balance : (d2 == edge ? 1.0f / 3.0f : 1.0f - balance);
   spectrum[i] *= static_cast<acc_t>(value) * scale;
 }
 
-at::Tensor circular_fft_filter_cuda(const at::Tensor& x, const at::Tensor& lam, double radius) {
+at::Tensor circular_fft_filter_cuda(const at::Tensor& x, const at::Tensor& lam, int64_t inside_limit, int64_t edge) {
   TORCH_CHECK(x.is_cuda(), "circular_fft_filter_kernel (CUDA): x must be a CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "circular_fft_filter_kernel: x must be float32 or float64 (the compute dtype), got ", x.scalar_type());
@@ -82,7 +83,7 @@ at::Tensor circular_fft_filter_cuda(const at::Tensor& x, const at::Tensor& lam, 
               lam.scalar_type());
   TORCH_CHECK(lam.dim() <= 1, "circular_fft_filter_kernel: lam must be 0-d or (C,), got shape ", lam.sizes());
   TORCH_CHECK(lam.device() == x.device(), "circular_fft_filter_kernel: lam must be on x's device ", x.device());
-  TORCH_CHECK(radius >= 0, "circular_fft_filter_kernel: radius must be non-negative, got ", radius);
+  TORCH_CHECK(inside_limit >= 0, "circular_fft_filter_kernel: inside_limit must be non-negative, got ", inside_limit);
   const int64_t channels = lam.numel();
   TORCH_CHECK(channels == 1 || (x.dim() >= 3 && x.size(-3) == channels), "circular_fft_filter_kernel: lam has ",
               channels, " entries but x of shape ", x.sizes(), " has ", x.dim() >= 3 ? x.size(-3) : 0,
@@ -102,7 +103,7 @@ at::Tensor circular_fft_filter_cuda(const at::Tensor& x, const at::Tensor& lam, 
       circular_mask_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           reinterpret_cast<c10::complex<scalar_t>*>(spectrum.data_ptr()), total, static_cast<int>(height),
           static_cast<int>(width), static_cast<int>(width / 2 + 1), lam_c.const_data_ptr<float>(), channels,
-          radius * radius, static_cast<scalar_t>(1.0 / static_cast<double>(height * width)));
+          inside_limit, edge, static_cast<scalar_t>(1.0 / static_cast<double>(height * width)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

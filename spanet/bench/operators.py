@@ -145,7 +145,7 @@ def auto_choice(stage: StageShape, device: torch.device) -> str:
     """The algorithm ``auto`` runs for the circular mask of ``stage`` on ``device``."""
     from spanet_ops.plans import circular_plan
 
-    return circular_plan(stage.size, stage.size, stage.radius, torch.float32, device).algorithm
+    return circular_plan(stage.size, stage.size, stage.radius, (0.7,), None, torch.float32, device).filter_algorithm
 
 
 def run_operators(

@@ -80,7 +80,7 @@ def run_sweep(
                     )
                 ratio = paired_ratio(samples["fft"], samples["lowrank"])  # > 1: lowrank faster
                 faster = "lowrank" if ratio["median"] > 1.0 else "fft"
-                n_rows, n_cols = len(plan.basis.rows), len(plan.basis.cols)
+                n_rows, n_cols = len(plan.separable.rows.freqs), len(plan.separable.cols.freqs)
                 row = {
                     "size": size,
                     "channels": c,

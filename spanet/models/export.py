@@ -8,31 +8,36 @@ concatenated weight scaled per channel by ``1 - lam``, plus the
 coefficient-space spectral correction (projection on the disc's real basis
 images, per-channel scale, channel mix, synthesis). The basis comes from
 :mod:`spanet_ops`' cached plans and enters the graph as a constant for the
-exported input size.
+exported input size, so the batch dim alone can be dynamic.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from spanet_ops import algorithms
-from spanet_ops.plans import circular_plan_constants
+from spanet_ops.plans import circular_plan
 from spanet_ops.validation import compute_dtype
 
 __all__ = ["export_decompositions", "export_program", "export_onnx"]
 
 
 def _spg_aggregate_lowrank(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lam: Tensor, radius: float, algorithm: str
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lams, radius: float, algorithm: str
 ) -> Tensor:
     """``spanet::spg_aggregate`` in ATen ops, on the low-rank path (exact for every ``algorithm``)."""
     dtype = compute_dtype(x.dtype)
-    plan = circular_plan_constants(x.shape[-2], x.shape[-1], radius, dtype, x.device)
-    scale, constant = plan.coefficient_scales(lam)
+    # The plan is geometry only: built from real tensors outside the tracer, it enters the graph as constants.
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        plan = circular_plan(int(x.shape[-2]), int(x.shape[-1]), float(radius), tuple(lams), int(x.shape[1]), dtype,
+                             x.device)
+        basis, scale, constant = (t.clone() for t in plan.spg_terms)
     bias = None if bias is None else bias.to(dtype)
-    out = algorithms.spg_lowrank(x.to(dtype), weight.to(dtype), bias, plan.real_basis, scale, constant, inplace=False)
+    out = algorithms.spg_lowrank(x.to(dtype), weight.to(dtype), bias, basis, scale, constant, inplace=False)
     return out.to(x.dtype)
 
 
@@ -41,20 +46,55 @@ def export_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     return {torch.ops.spanet.spg_aggregate.default: _spg_aggregate_lowrank}
 
 
-def export_program(model: torch.nn.Module, example_inputs: Sequence[Tensor], decompose: bool = False):
-    """``torch.export.export(model, example_inputs)``; with ``decompose`` the spanet ops become ATen ops."""
-    program = torch.export.export(model, tuple(example_inputs))
+def _check_dynamic_shapes(dynamic_shapes: Any) -> None:
+    """Allow a dynamic batch dim only: the spectral basis is built for the exported height and width."""
+
+    def visit(spec) -> None:
+        if isinstance(spec, dict):
+            for key, value in spec.items():
+                if isinstance(key, int):
+                    if key != 0 and value is not None:
+                        raise ValueError(
+                            f"dynamic_shapes: dim {key} cannot be dynamic; only the batch dim (0) can, since the "
+                            "spectral basis is built for the exported height and width (export once per size)"
+                        )
+                else:
+                    visit(value)
+        elif isinstance(spec, (list, tuple)):
+            for value in spec:
+                visit(value)
+
+    visit(dynamic_shapes)
+
+
+def export_program(
+    model: torch.nn.Module, example_inputs: Sequence[Tensor], decompose: bool = False, dynamic_shapes: Any = None
+):
+    """``torch.export.export(model, example_inputs)``; with ``decompose`` the spanet ops become ATen ops.
+
+    ``dynamic_shapes`` (``torch.export``'s argument) may make the batch dim dynamic,
+    e.g. ``({0: torch.export.Dim("batch")},)``; other dims raise ``ValueError``.
+    """
+    _check_dynamic_shapes(dynamic_shapes)
+    program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     return program.run_decompositions(export_decompositions()) if decompose else program
 
 
-def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Tensor], path: Optional[str] = None, **kwargs):
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Tensor],
+    path: Optional[str] = None,
+    dynamic_shapes: Any = None,
+    **kwargs,
+):
     """Export ``model`` to ONNX with ``torch.onnx.export(dynamo=True)``; needs ``onnx`` and ``onnxscript``.
 
     The spanet ops are decomposed first (see :func:`export_decompositions`).
+    ``dynamic_shapes`` may make the batch dim dynamic (see :func:`export_program`).
     Returns the ``torch.onnx.ONNXProgram``; with ``path`` it is also saved there.
     Extra keyword arguments go to ``torch.onnx.export``.
     """
-    program = export_program(model, example_inputs, decompose=True)
+    program = export_program(model, example_inputs, decompose=True, dynamic_shapes=dynamic_shapes)
     onnx_program = torch.onnx.export(program, tuple(example_inputs), dynamo=True, **kwargs)
     if path is not None:
         onnx_program.save(path)

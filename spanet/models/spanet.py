@@ -10,7 +10,7 @@ published code: ``patch_embed.proj``, ``network.{0..6}`` (stages at the even
 indices, downsampling convs at the odd ones), ``norm`` and ``head``. Each SPAM
 keeps the published ``token_mixer.sps.{i}.filter`` tensors ``(1, H0, W0)``
 (the centred circular masks at 224) as non-trainable buffers: they exist only
-so checkpoints load; the filter at any input size follows SPEC §1 and is
+so checkpoints load; the filter at any input size follows docs/spec.md §1 and is
 computed by :mod:`spanet_ops` from the stage's radius and balances.
 
 Speed. SPAM's context ``sum_i pw_i(SPF_{r, lam_i}(chunk_i(x)))`` is one call of
@@ -31,17 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import spanet_ops
-from spanet_ops import reference as spanet_reference
-from spanet_ops.backends import native_module
+from spanet_ops.reference import spectral_pooling_filter as reference_spectral_pooling_filter
+from spanet_ops.training import PointwiseConv, PointwiseMlp, RowDepthwiseConv
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, GroupNorm1, SelectAdaptivePool2d, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, clean_state_dict, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_function, register_notrace_module
 
-__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseConv", "RowDepthwiseConv", "ConvMlp", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
+__all__ = ["SPANet", "SPAM", "SPANetBlock", "PointwiseMlp", "SPECTRAL_IMPLS", "set_spectral_impl", "checkpoint_filter_fn"]
 
 #: ``torch.arange(0.7, 0.9, 0.1)`` of the published code: float32 0.7, 0.8, 0.9 (exact as Python floats).
-PUBLISHED_LAMS: Tuple[float, ...] = tuple(float(v) for v in torch.arange(0.7, 0.9, 0.1))
+PUBLISHED_LAMS: Tuple[float, ...] = spanet_ops.PUBLISHED_LAMS
 #: Input size the published filter tensors were built for.
 PUBLISHED_IMG_SIZE = 224
 
@@ -50,6 +51,13 @@ PUBLISHED_IMG_SIZE = 224
 SPECTRAL_IMPLS = ("fused", "lowrank", "fft", "reference")
 
 _RELEASE_URL = "https://github.com/DoranLyong/SPANet-official/releases/download/ImageNet-pretrained/"
+
+# torch.fx (timm's FX feature extraction, torchvision's create_feature_extractor) keeps these as leaves:
+# the layers decide their fast path from the input's layout, which a symbolic tracer cannot see, and the
+# paper-literal filter builds its mask from the input's size.
+for _leaf in (PointwiseConv, RowDepthwiseConv, PointwiseMlp):
+    register_notrace_module(_leaf)
+register_notrace_function(reference_spectral_pooling_filter)
 
 
 def _check_spectral_impl(impl: str) -> str:
@@ -67,135 +75,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)
-
-
-class PointwiseConv(nn.Conv2d):
-    """A 1x1 conv with ``nn.Conv2d``'s parameters and state dict that runs as one GEMM on channels_last maps.
-
-    On a channels_last input the map is already ``(B, H, W, C)`` in memory, so
-    when autograd records, the conv is ``F.linear`` on that view: one GEMM
-    forward and two backward, faster on the CPU than oneDNN's 1x1 convolution
-    backward at SPANet's shapes (see ``benchmarks/RESULTS.md``). Inference, and
-    any other input, take the ordinary convolution, whose forward is as fast.
-    """
-
-    def __init__(self, in_chs: int, out_chs: int, bias: bool = True):
-        super().__init__(in_chs, out_chs, kernel_size=1, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        records = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if records and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
-        return self._conv_forward(x, self.weight, self.bias)
-
-
-def _eager_cpu_training(x: Tensor, records: bool) -> bool:
-    """Whether autograd ``records`` on ``x``, a float32/float64 CPU tensor, in eager mode with the native kernels.
-
-    Not under CPU autocast, whose casts the layers' own path follows.
-    """
-    return (
-        records
-        and torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and native_module() is not None
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled("cpu")
-    )
-
-
-class RowDepthwiseConv(nn.Conv2d):
-    """SPAM's depthwise ``(1, k)`` conv, with ``nn.Conv2d``'s parameters and state dict.
-
-    While autograd records on a channels_last CPU map in eager mode (native
-    kernels built), it runs as ``spanet::depthwise_row_conv``: the same forward
-    and input gradient, and a one-pass weight gradient in place of oneDNN's,
-    which is several times slower for ``(1, k)`` than for ``(k, 1)`` kernels
-    (see ``benchmarks/RESULTS.md``). Everywhere else it is the ordinary convolution.
-    """
-
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__(channels, channels, (1, kernel_size), padding=(0, kernel_size // 2), groups=channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and self._fast_weight_grad(x):
-            return torch.ops.spanet.depthwise_row_conv(x, self.weight, self.bias, self.padding[1])
-        return self._conv_forward(x, self.weight, self.bias)
-
-    @torch.jit.unused
-    def _fast_weight_grad(self, x: Tensor) -> bool:
-        return (
-            _eager_cpu_training(x, self.weight.requires_grad)
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()
-        )
-
-
-#: Hidden-map size above which :class:`ConvMlp` runs in batch slices.
-MLP_SLICE_BYTES = 32 * 1024 * 1024
-
-
-class ConvMlp(nn.Module):
-    """``fc2(drop(act(fc1(x))))`` with 1x1 convs (SPEC §3), in the published layout (``fc1``, ``fc2``).
-
-    The MLP is pointwise per sample, so a batch whose hidden map would exceed
-    ``max_hidden_bytes`` (:data:`MLP_SLICE_BYTES`) runs in batch slices (exactly the same result):
-    glibc maps every allocation above 32 MiB afresh, and the page faults of
-    SPANet's stage-1 hidden maps (51 MB at batch 16) cost more than the
-    layers' arithmetic on the CPU.
-
-    While autograd records on a channels_last CPU map in eager mode (native
-    kernels built, exact GELU, no active dropout), the three layers run as one
-    ``spanet::pointwise_mlp`` on the ``(B, H, W, C)`` view: the backward keeps
-    GELU's slope instead of its input and scales by it in place (see
-    ``benchmarks/RESULTS.md``).
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, act_layer=nn.GELU, drop: float = 0.0):
-        super().__init__()
-        #: Largest hidden map computed in one piece (glibc's ceiling for reusing freed memory).
-        self.max_hidden_bytes: int = MLP_SLICE_BYTES
-        self.fc1 = PointwiseConv(dim, hidden_dim)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = PointwiseConv(hidden_dim, dim)
-        self.drop2 = nn.Dropout(drop)
-
-    def _mlp(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and self._fused_training(x):
-            return self._fused_mlp(x)
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-    @torch.jit.unused
-    def _fused_training(self, x: Tensor) -> bool:
-        # spanet::pointwise_mlp: fc1, exact GELU and fc2 on the (B, H, W, C) view of a channels_last map,
-        # keeping GELU's slope for the backward; only where the dropouts are identities.
-        no_dropout = not self.training or (self.drop1.p == 0.0 and self.drop2.p == 0.0)
-        return (
-            no_dropout
-            and type(self.act) is nn.GELU
-            and self.act.approximate == "none"
-            and _eager_cpu_training(x, x.requires_grad or self.fc1.weight.requires_grad)
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()
-        )
-
-    @torch.jit.unused
-    def _fused_mlp(self, x: Tensor) -> Tensor:
-        batch, channels, height, width = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(-1, channels)
-        out, _, _ = torch.ops.spanet.pointwise_mlp(
-            pixels, self.fc1.weight.flatten(1), self.fc1.bias, self.fc2.weight.flatten(1), self.fc2.bias
-        )
-        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        hidden_bytes = x.numel() // x.shape[1] * self.fc1.out_channels * x.element_size()
-        slices = min(x.shape[0], -(-hidden_bytes // self.max_hidden_bytes))
-        if slices <= 1:
-            return self._mlp(x)
-        return torch.cat([self._mlp(part) for part in x.chunk(slices)], dim=0)
 
 
 class Scale(nn.Module):
@@ -216,7 +95,7 @@ class SPF(nn.Module):
     ``lam`` at the published map size ``H0 x W0``; it is a non-trainable buffer
     kept only so that published checkpoints load and saved ones match their
     layout. Computation never reads it: :class:`SPAM` derives the filter at the
-    actual map size from ``radius`` and ``lam`` (SPEC §1, "Any input size").
+    actual map size from ``radius`` and ``lam`` (docs/spec.md §1, "Any input size").
     """
 
     def __init__(self, size: int, radius: float, lam: float):
@@ -230,7 +109,7 @@ class SPF(nn.Module):
 
 
 class SPAM(nn.Module):
-    """Spectral Pooling Aggregation Modulation, SPANet's token mixer (SPEC §2).
+    """Spectral Pooling Aggregation Modulation, SPANet's token mixer (docs/spec.md §2).
 
     ``proj_in`` (1x1), depthwise ``(1,k)`` then ``(k,1)`` convs, the split-SPG
     context ``ctx = sum_i pws[i](SPF_{radius, lams[i]}(chunk_i(x)))``, and
@@ -256,7 +135,7 @@ class SPAM(nn.Module):
     ):
         super().__init__()
         self.radius = float(radius)
-        self.lams = tuple(float(v) for v in lams)
+        self.lams: List[float] = [float(v) for v in lams]
         self.spectral_impl = _check_spectral_impl(spectral_impl)
         chunk_dims = spanet_ops.chunk_sizes(dim, len(self.lams))
         if len(chunk_dims) != len(self.lams):
@@ -270,32 +149,13 @@ class SPAM(nn.Module):
         self.proj_out = PointwiseConv(dim, dim)
         self.sps = nn.ModuleList([SPF(filter_size, radius, lam) for lam in self.lams])
         self.pws = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in chunk_dims])
-        # Per-channel balances, validated once here; not in the state dict (the published layout has none).
-        self.register_buffer("lam_c", spanet_ops.channel_lams(self.lams, dim), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        # The balances are float32 values of the published code: keep them exact when the module is cast
-        # (``.half()``, ``.to(dtype)``), following only its device.
-        super()._apply(fn, recurse)
-        self.lam_c = spanet_ops.channel_lams(self.lams, self.lam_c.numel()).to(self.lam_c.device)
-        return self
-
-    @torch.jit.unused
-    def _context_reference(self, x: Tensor) -> Tensor:
-        # The published composition, chunk by chunk, with the paper-literal filter (not scriptable).
-        ctx = None
-        for chunk, lam, pw in zip(torch.chunk(x, len(self.lams), dim=1), self.lams, self.pws):
-            out = pw(spanet_reference.spectral_pooling_filter(chunk, self.radius, lam))
-            ctx = out if ctx is None else ctx + out
-        return ctx
 
     def context(self, x: Tensor) -> Tensor:
         """The split-SPG context ``ctx`` of the depthwise-conv output ``x`` ``(B, C, H, W)``."""
-        if self.spectral_impl == "reference":
-            return self._context_reference(x)
-        # One 1x1 conv with the concatenated weights and summed biases, plus the low-rank spectral part.
-        # The op form of spanet_ops.spg_aggregate: the arguments were validated at construction, and the
-        # public function's value checks on lam would be data-dependent under torch.export.
+        if self.spectral_impl == "reference" and not torch.jit.is_scripting():
+            return self._context_reference(x)  # (scripted, the op's "reference" algorithm: the same composition)
+        # One 1x1 conv with the concatenated weights and summed biases, plus the low-rank spectral part:
+        # spanet::spg_aggregate, which validates its arguments and chooses its kernels.
         weight = torch.cat([pw.weight for pw in self.pws], dim=1).flatten(1)
         biases: List[Tensor] = []
         for pw in self.pws:
@@ -304,9 +164,17 @@ class SPAM(nn.Module):
                 biases.append(b)
         bias = torch.stack(biases).sum(0)
         algorithm = "auto" if self.spectral_impl == "fused" else self.spectral_impl
-        if torch.jit.is_scripting():
-            return torch.ops.spanet.spg_aggregate(x, weight, bias, self.lam_c, self.radius, algorithm)
-        return torch.ops.spanet.spg_aggregate(x, weight, bias, self.lam_c, self.radius, algorithm)
+        return torch.ops.spanet.spg_aggregate(x, weight, bias, self.lams, self.radius, algorithm)
+
+    @torch.jit.unused
+    def _context_reference(self, x: Tensor) -> Tensor:
+        # The published composition, chunk by chunk, with the paper-literal filter (not scriptable).
+        chunks = torch.chunk(x, len(self.lams), dim=1)
+        ctx = None
+        for i, pw in enumerate(self.pws):
+            out = pw(reference_spectral_pooling_filter(chunks[i], self.radius, self.lams[i]))
+            ctx = out if ctx is None else ctx + out
+        return ctx
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj_in(x)
@@ -318,7 +186,7 @@ class SPAM(nn.Module):
 
 
 class SPANetBlock(nn.Module):
-    """``x = s1 * x + drop_path(SPAM(GN(x)))``; ``x = s2 * x + drop_path(MLP(GN(x)))`` (SPEC §3)."""
+    """``x = s1 * x + drop_path(SPAM(GN(x)))``; ``x = s2 * x + drop_path(MLP(GN(x)))`` (docs/spec.md §3)."""
 
     def __init__(
         self,
@@ -340,7 +208,7 @@ class SPANetBlock(nn.Module):
             dim, kernel_size=kernel_size, radius=radius, filter_size=filter_size, spectral_impl=spectral_impl
         )
         self.norm2 = norm_layer(dim)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = PointwiseMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.res_scale1 = Scale(dim, res_scale_init_value) if res_scale_init_value is not None else nn.Identity()
         self.res_scale2 = Scale(dim, res_scale_init_value) if res_scale_init_value is not None else nn.Identity()
@@ -395,6 +263,7 @@ class SPANet(nn.Module):
         _check_spectral_impl(spectral_impl)
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.depths, self.dims = tuple(depths), tuple(dims)
         self.num_features = self.head_hidden_size = dims[-1]
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -437,7 +306,7 @@ class SPANet(nn.Module):
     def _init_weights(self, m: nn.Module) -> None:
         # As published: truncated normal (std 0.02) and zero bias for the classifier and the MLP convs;
         # the other convs keep PyTorch's default init.
-        if isinstance(m, (nn.Linear, ConvMlp)):
+        if isinstance(m, (nn.Linear, PointwiseMlp)):
             for layer in (m,) if isinstance(m, nn.Linear) else (m.fc1, m.fc2):
                 trunc_normal_(layer.weight, std=0.02)
                 if layer.bias is not None:
@@ -574,32 +443,56 @@ def set_spectral_impl(model: nn.Module, impl: str) -> nn.Module:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: SPANet) -> Dict[str, Tensor]:
-    """Map a published SPANet checkpoint (or one saved here) onto ``model``'s state dict.
+    """Map a published SPANet checkpoint (or one saved here) onto ``model``'s state dict, refusing foreign ones.
 
     Unwraps ``{'model': ...}`` / ``{'state_dict': ...}`` containers and strips a
     ``module.`` prefix (DDP). Published keys already match this layout; a missing
     ``sps.{i}.filter`` entry (it holds no learned value) is taken from ``model``.
+    Every key outside the classifier must be ``model``'s, with its shape (the stem's
+    input channels excepted: timm adapts them), so another variant's or another
+    architecture's weights are refused instead of loading partially.
+
+    Raises:
+        ValueError: naming the missing and unexpected keys, or the first shape mismatch.
     """
-    for key in ("state_dict_ema", "model_ema", "model", "state_dict"):
+    for key in ("model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
             break
-    out = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
-    for key, value in model.state_dict().items():
+    out = clean_state_dict(state_dict)
+    expected = model.state_dict()
+    for key, value in expected.items():
         if key.endswith(".filter") and key not in out:
             out[key] = value
+    classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    body = {k for k in expected if not k.startswith(classifier + ".")}
+    given = {k for k in out if not k.startswith(classifier + ".")}
+    missing, unexpected = sorted(body - given), sorted(given - body)
+    if missing or unexpected:
+        raise ValueError(
+            f"these weights are not a {type(model).__name__} of this configuration "
+            f"(depths {model.depths}, dims {model.dims}): {len(missing)} keys missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for key in sorted(body - {"patch_embed.proj.weight"}):
+        if tuple(out[key].shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"these weights are not a {type(model).__name__} of this configuration: {key} has shape "
+                f"{tuple(out[key].shape)}, the model {tuple(expected[key].shape)}"
+            )
     return out
 
 
 def _create_spanet(variant: str, pretrained: bool = False, **kwargs) -> SPANet:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    feature_cfg = {"out_indices": out_indices, "feature_cls": "getter", **(kwargs.pop("feature_cfg", None) or {})}
     try:
         return build_model_with_cfg(
             SPANet,
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            feature_cfg=feature_cfg,
             **kwargs,
         )
     except FileNotFoundError as exc:
@@ -643,7 +536,7 @@ default_cfgs = generate_default_cfgs({
     "spanet_baseX.in1k": _cfg("spanet-baseX.pth", crop_pct=0.95),
 })
 
-#: The published configurations (SPEC §3): depths, dims; every variant uses radius 2-2-1-1.
+#: The published configurations (docs/spec.md §3): depths, dims; every variant uses radius 2-2-1-1.
 MODEL_CONFIGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     "spanet_small": dict(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512)),
     "spanet_medium": dict(depths=(6, 6, 18, 6), dims=(64, 128, 320, 512)),

@@ -1,4 +1,4 @@
-"""A reference SPANet written from SPEC §2-3, literally, in plain PyTorch on :mod:`spanet_ops.reference`.
+"""A reference SPANet written from docs/spec.md §2-3, literally, in plain PyTorch on :mod:`spanet_ops.reference`.
 
 It shares no code with :mod:`spanet.models`: it is what the tests compare the
 fast model against. It has the published module layout (the same state-dict
@@ -9,7 +9,7 @@ SPAM here is: ``proj_in``, depthwise ``(1,k)`` then ``(k,1)``, ``torch.chunk``
 into 3, per-chunk SPF via ``spanet_ops.reference`` (``fft2 -> fftshift ->
 mask -> ifftshift -> ifft2 -> real``), per-chunk 1x1 conv ``pws[i]``, the sum,
 ``proj_out(x * ctx)``. At the published map size the stored filter is the
-mask; at any other size the mask is SPEC §1's circular mask at that size.
+mask; at any other size the mask is docs/spec.md §1's circular mask at that size.
 """
 from __future__ import annotations
 

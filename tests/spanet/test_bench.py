@@ -112,7 +112,7 @@ def test_operator_rows_cover_every_case(tiny_run):
         assert set(row["speedup_vs_fft"]) == {"lowrank", "auto"}
         assert row["baseline_dtype"] == "fp32"
         h = row["shape"][-1]
-        expected_auto = plans.circular_plan(h, h, row["radius"], torch.float32, "cpu").algorithm
+        expected_auto = plans.circular_plan(h, h, row["radius"], (0.7,), None, torch.float32, "cpu").filter_algorithm
         assert row["auto_algorithm"] == expected_auto
 
 

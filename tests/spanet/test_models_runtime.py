@@ -163,3 +163,29 @@ def test_onnx_export_runs_in_onnxruntime(tiny, tmp_path):
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), tiny(x), **TOL)
+    # A dynamic batch: one file serves every batch size at the exported height and width.
+    dynamic = tmp_path / "spanet_tiny_dynamic.onnx"
+    x2 = _x(2, 3, 45, 64, seed=9)  # an example batch of 1 would specialise the dim
+    export_onnx(tiny, (x2,), path=str(dynamic), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    session = ort.InferenceSession(str(dynamic), providers=["CPUExecutionProvider"])
+    x3 = _x(3, 3, 45, 64, seed=8)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), tiny(x3), **TOL)
+
+
+def test_empty_batch(tiny):
+    with torch.no_grad():
+        out = tiny(torch.randn(0, 3, 64, 64))
+    assert out.shape == (0, tiny.num_classes)
+
+
+def test_export_with_a_dynamic_batch(tiny):
+    batch = torch.export.Dim("batch", min=1, max=64)
+    x = _x(2, 3, 48, 40, seed=8)
+    program = export_program(tiny, (x,), decompose=True, dynamic_shapes=({0: batch},))
+    x5 = _x(5, 3, 48, 40, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x5), tiny(x5), **TOL)
+    with pytest.raises(ValueError, match="dim 2 cannot be dynamic; only the batch dim"):
+        export_program(tiny, (x,), dynamic_shapes=({2: torch.export.Dim("height")},))

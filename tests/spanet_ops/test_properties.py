@@ -49,7 +49,7 @@ def test_any_problem_matches_reference(problem, algorithm):
 @SETTINGS
 @given(filter_problems())
 def test_self_adjoint(problem):
-    """<filter(x), g> == <x, filter(g)> for every real mask (SPEC §1 fact 4)."""
+    """<filter(x), g> == <x, filter(g)> for every real mask (docs/spec.md §1 fact 4)."""
     x, mask, centered = problem
     g = torch.randn_like(x)
     lhs = (spanet_ops.spectral_mask_filter(x, mask, centered=centered) * g).sum()

@@ -13,7 +13,7 @@ import torch
 import spanet_ops
 from spanet_ops import reference
 from spanet_ops.masks import circular_regions
-from spanet_ops.plans import circular_plan
+from spanet_ops.plans import disc_geometry
 
 LAMS = (0.7, 0.8, 0.9)
 # (dtype, atol, rtol) against the float64 reference of the same (rounded) values.
@@ -143,8 +143,7 @@ def test_chunk_sizes_follow_torch_chunk(channels, sizes):
                                                       (8, 8, 0.0, 1)])
 def test_real_basis_spans_exactly_the_disc(height, width, radius, size):
     """The plan's real basis is orthonormal, starts with the constant image and projects onto the disc's bins."""
-    plan = circular_plan(height, width, radius, torch.float64, "cpu")
-    basis = plan.real_basis
+    basis = disc_geometry(height, width, radius, torch.float64, "cpu").real_basis
     assert basis.shape == (size, height * width)
     torch.testing.assert_close(basis @ basis.T, torch.eye(size, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(basis[0], torch.full((height * width,), 1 / math.sqrt(height * width),

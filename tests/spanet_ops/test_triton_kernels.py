@@ -98,9 +98,9 @@ def _input(shape, dtype, seed=0):
 
 def _spf_terms(height, width, radius, lam, dtype):
     """The published SPF in the real basis: ``(basis (J, HW), scale (C, J), constant (C,))``."""
-    plan = plans.circular_plan(height, width, radius, tuning.compute_dtype(dtype), DEVICE)
-    scale, constant = plan.coefficient_scales(torch.as_tensor(lam, dtype=torch.float32, device=DEVICE))
-    return plan.real_basis, scale.t().contiguous(), constant
+    lams = tuple(torch.as_tensor(lam, dtype=torch.float32).reshape(-1).tolist())
+    plan = plans.circular_plan(height, width, radius, lams, len(lams), tuning.compute_dtype(dtype), DEVICE)
+    return plan.basis_terms
 
 
 def _expected(x, basis, scale, constant):
@@ -252,13 +252,13 @@ def _tf32x3_dot(a, b):
 
 
 def _stage_problem(side, radius, channels, storage, seed=0):
-    plan = plans.circular_plan(side, side, radius, torch.float32, "cpu")
-    scale, constant = plan.coefficient_scales(spanet_ops.channel_lams((0.7, 0.8, 0.9), channels))
+    basis, scale, constant = plans.circular_plan(side, side, radius, (0.7, 0.8, 0.9), channels, torch.float32,
+                                                 "cpu").basis_terms
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(2 * channels, side * side, generator=g) * 2).to(storage).float()
     p = torch.arange(x.shape[0]) % channels
-    exact = _expected(x, plan.real_basis, scale.t(), constant).reshape(x.shape)
-    return x, plan.real_basis, scale.t()[p], constant[p, None], exact
+    exact = _expected(x, basis, scale, constant).reshape(x.shape)
+    return x, basis, scale[p], constant[p, None], exact
 
 
 @pytest.mark.parametrize("side, radius, channels", [(56, 2.0, 64), (28, 2.0, 128), (14, 1.0, 320), (7, 1.0, 512)])
@@ -362,11 +362,11 @@ def test_autotuned_launch_prunes_to_the_candidates_and_caches_per_bucket(monkeyp
 @pytest.mark.parametrize("side, radius, channels", [(56, 2.0, 64), (28, 2.0, 128), (14, 1.0, 320), (7, 1.0, 512)])
 def test_stage_shapes_compiled(side, radius, channels, dtype):
     """The four SPANet stage sizes at batch 2, autotuned, against the reference."""
-    lam = spanet_ops.channel_lams((0.7, 0.8, 0.9), channels)
+    lam = [v for v, n in zip((0.7, 0.8, 0.9), spanet_ops.chunk_sizes(channels)) for _ in range(n)]  # per channel
     basis, scale, constant = _spf_terms(side, side, radius, lam, dtype)
     x = _input((2, channels, side, side), dtype, seed=60)
     y = bf.basis_filter(x.reshape(-1, side, side), basis, scale, constant)
-    _close(y.reshape(x.shape), ref.spectral_pooling_filter(x.double().cpu(), radius, lam.cpu()), dtype)
+    _close(y.reshape(x.shape), ref.spectral_pooling_filter(x.double().cpu(), radius, lam), dtype)
 
 
 @pytest.mark.gpu
