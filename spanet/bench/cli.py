@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--png", default=None, help="PNG path (default OUT_DIR/spanet-bench.png)")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--results-md", nargs="?", const=DEFAULT_RESULTS_MD, default=None, metavar="PATH",
-                   help="append the Markdown tables to the 'spanet-bench (issue 7)' section of PATH "
+                   help="append the Markdown tables to the 'spanet-bench' section of PATH "
                         "(default PATH: benchmarks/RESULTS.md of the source checkout spanet runs from, "
                         "wherever the command is started); nothing is appended without this flag")
     g.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .measure import machine_line
 
 #: The RESULTS.md section this tool writes under.
-RESULTS_SECTION = "## spanet-bench (issue 7)"
+RESULTS_SECTION = "## spanet-bench"
 
 Table = Tuple[str, List[str], List[List[str]]]  # title, headers, rows
 

@@ -286,7 +286,6 @@ def load_backbone_weights(net: SPANetBackbone, path: str) -> Dict[str, Any]:
     ``net`` untouched.
     """
     from ..checkpoint import CheckpointError, check_finite
-    from ..models.spanet import checkpoint_filter_fn
 
     if not isinstance(net, SPANetBackbone):
         raise TypeError(f"net must be a SPANetBackbone, got {type(net).__name__}")
@@ -294,11 +293,10 @@ def load_backbone_weights(net: SPANetBackbone, path: str) -> Dict[str, Any]:
     check_finite(sd, path)
     mapped, kind = _to_backbone_keys(sd, net, path)
     from_file = set(mapped)
-    trunk_sd = checkpoint_filter_fn({k[len("trunk."):]: v for k, v in mapped.items() if k.startswith("trunk.")},
-                                    net.trunk)
-    mapped = {**{k: v for k, v in mapped.items() if not k.startswith("trunk.")},
-              **{"trunk." + k: v for k, v in trunk_sd.items()}}
+    # The published dense checkpoints hold no `sps.{i}.filter` tensors (fixed masks, no learned value): take the
+    # backbone's own; every other key is checked below, with this loader's messages.
     own = net.state_dict()
+    mapped.update({k: v for k, v in own.items() if k.startswith("trunk.") and k.endswith(".filter") and k not in mapped})
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs backbone {tuple(own[k].shape)}"
                   for k, v in mapped.items() if k in own and own[k].shape != v.shape]
     if mismatched:

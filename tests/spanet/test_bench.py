@@ -17,7 +17,7 @@ from spanet.bench import cli, measure, report, sweep
 from spanet.bench.operators import parse_shapes
 from spanet_ops import plans
 
-#: SPEC §3 and timm: trainable parameters of the models in the tiny run.
+#: docs/spec.md §3 and timm: trainable parameters of the models in the tiny run.
 KNOWN_PARAMS = {"spanet_small": 28_605_096, "spanet_small:reference": 28_605_096, "convnext_tiny": 28_589_128}
 
 TINY = [
@@ -46,7 +46,7 @@ TINY = [
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md = out / "RESULTS.md"
-    md.write_text("# Benchmark results\n\n## Models (issue 5)\n\nkeep me\n\n## spanet-bench (issue 7)\n\n## Later\n\nafter\n")
+    md.write_text("# Benchmark results\n\n## Models\n\nkeep me\n\n## spanet-bench\n\n## Later\n\nafter\n")
     argv = TINY + ["--out-dir", str(out), "--results-md", str(md)]
     threads = torch.get_num_threads()
     returned = cli.bench(argv)
@@ -178,7 +178,7 @@ def test_png_and_markdown(tiny_run):
     assert width > 500 and height > 1000  # four panels
     text = tiny_run["md"].read_text()
     # Inserted at the end of its own section; the sections around it are untouched.
-    assert text.startswith("# Benchmark results\n\n## Models (issue 5)\n\nkeep me\n\n## spanet-bench (issue 7)\n\n### ")
+    assert text.startswith("# Benchmark results\n\n## Models\n\nkeep me\n\n## spanet-bench\n\n### ")
     assert text.endswith("\n## Later\n\nafter\n")
     terminal = report.render_text(tiny_run["json"])
     assert terminal.startswith("machine: ")
