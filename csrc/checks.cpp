@@ -40,13 +40,13 @@ void check_factors(const at::Tensor& factors, const at::Tensor& index, const at:
 }  // namespace
 
 void check_lowrank_args(const at::Tensor& x, const LowRankArgs& f) {
-  TORCH_CHECK(x.dim() == 3, "lowrank_filter_kernel takes planes x (N, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2, "lowrank_filter_kernel takes planes x (..., H, W), got shape ", x.sizes());
   TORCH_CHECK(is_storage_dtype(x.scalar_type()), "x must be float64, float32, float16 or bfloat16, got ",
               x.scalar_type());
   TORCH_CHECK(f.row_factors.scalar_type() == at::kFloat || f.row_factors.scalar_type() == at::kDouble,
               "row_factors must be float32 or float64 (the compute dtype), got ", f.row_factors.scalar_type());
-  check_factors(f.row_factors, f.row_index, f.row_sign, x.size(1), "row_factors", f.row_factors, x);
-  check_factors(f.col_factors, f.col_index, f.col_sign, x.size(2), "col_factors", f.row_factors, x);
+  check_factors(f.row_factors, f.row_index, f.row_sign, x.size(-2), "row_factors", f.row_factors, x);
+  check_factors(f.col_factors, f.col_index, f.col_sign, x.size(-1), "col_factors", f.row_factors, x);
   TORCH_CHECK(f.even_rows >= -1 && f.even_rows <= f.row_factors.size(0), "even_rows must be in [-1, ",
               f.row_factors.size(0), "], got ", f.even_rows);
   const int64_t k = f.row_index.size(0) / 2, l = f.col_index.size(0) / 2;
@@ -57,7 +57,8 @@ void check_lowrank_args(const at::Tensor& x, const LowRankArgs& f) {
   check_like(f.constant, "constant", f.row_factors, x);
   TORCH_CHECK(f.constant.dim() == 1 && f.constant.size(0) == planes, "constant must be (P,) with P = ", planes,
               ", got shape ", f.constant.sizes());
-  TORCH_CHECK(planes > 0 && x.size(0) % planes == 0, "the number of planes N = ", x.size(0),
+  const int64_t n = x.size(-2) * x.size(-1) == 0 ? 0 : x.numel() / (x.size(-2) * x.size(-1));
+  TORCH_CHECK(planes > 0 && n % planes == 0, "the number of planes N = ", n,
               " must be a multiple of the mask planes P = ", planes);
 }
 

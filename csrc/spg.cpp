@@ -2,12 +2,17 @@
 // compositions, registered for the CPU and CUDA dispatch keys: the same arithmetic as
 // spanet_ops/algorithms.py (spg_lowrank, spg_lowrank_input_grad, spg_lowrank_weight_grad)
 // without a Python call per step, which at SPANet's small late-stage maps costs more than the
-// GEMMs themselves. NCHW and channels_last maps are used in place (views, no copies):
-//   forward      out = (W diag(c)) x + sum_j e_j (W diag(s_j) <e_j, x>) + b e_0 sqrt(HW)
+// GEMMs themselves:
+//   forward      out = (W diag(c)) x + sum_j e_j (W diag(s_j) <e_j, x>) + b
 //   input grad   SPF(W^T g)
 //   weight grad  c * g x^T + sum_j <e_j, g> (s_j <e_j, x>)^T
 // with e_j the plan's orthonormal real basis images (J, HW), s (J, C) the per-channel scales
 // and c (C,) the constants. Inputs are in the compute dtype (the op layer casts).
+//
+// NCHW and channels_last maps are used in place: a map is viewed as pixels, (B, C, HW) or
+// (B*HW, C), and every product is an explicit mm/bmm/addmm on 2-D or 3-D views (at::matmul's
+// broadcasting plumbing costs more than the products at the late stages' sizes). A batch of one
+// takes plain 2-D products.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,73 +26,105 @@ bool channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// (B, C, H, W) as pixels: (B, HW, C) for channels_last, (B, C, HW) otherwise (views where laid out so).
-at::Tensor pixels(const at::Tensor& x, bool cl) {
-  const int64_t b = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  return cl ? x.permute({0, 2, 3, 1}).reshape({b, hw, c}) : x.reshape({b, c, hw});
-}
+// The shapes of one call, and its maps as pixels: NCHW (B, C, HW), channels_last (B*HW, C).
+struct Pixels {
+  int64_t batch, channels, height, width, hw;
+  bool cl;
+  at::Tensor x;
 
-at::Tensor from_pixels(const at::Tensor& x3, int64_t height, int64_t width, bool cl) {
-  if (cl) return x3.reshape({x3.size(0), height, width, x3.size(2)}).permute({0, 3, 1, 2});
-  return x3.reshape({x3.size(0), x3.size(1), height, width});
-}
-
-// The 1x1 conv `weight` (O, C) of pixels: one GEMM (channels_last) or a batched one.
-at::Tensor dense_1x1(const at::Tensor& x3, const at::Tensor& weight, bool cl) {
-  return cl ? at::matmul(x3, weight.t()) : at::matmul(weight, x3);
-}
-
-// Coefficients <e_j, x_c> (B, J, C).
-at::Tensor project(const at::Tensor& x3, const at::Tensor& basis, bool cl) {
-  return at::matmul(basis, cl ? x3 : x3.transpose(1, 2));
-}
-
-// out3 += sum_j coefficients[:, j] e_j for coefficients (B, J, O), in place.
-void synthesise_(at::Tensor& out3, const at::Tensor& coefficients, const at::Tensor& basis, bool cl) {
-  const int64_t b = coefficients.size(0), j = coefficients.size(1), o = coefficients.size(2);
-  if (cl) {
-    out3.baddbmm_(basis.t().expand({b, -1, -1}), coefficients);
-  } else {
-    out3.view({b * o, -1}).addmm_(coefficients.transpose(1, 2).reshape({b * o, j}), basis);
+  Pixels(const at::Tensor& map, bool layout)
+      : batch(map.size(0)), channels(map.size(1)), height(map.size(2)), width(map.size(3)),
+        hw(map.size(2) * map.size(3)), cl(layout) {
+    x = cl ? map.permute({0, 2, 3, 1}).reshape({batch * hw, channels}) : map.reshape({batch, channels, hw});
   }
+
+  // out (B, O, HW) or (B*HW, O) back to the map (B, O, H, W) in the same layout.
+  at::Tensor map_of(const at::Tensor& out) const {
+    if (cl) return out.view({batch, height, width, out.size(1)}).permute({0, 3, 1, 2});
+    return out.view({batch, out.size(1), height, width});
+  }
+
+  // Coefficients <e_j, x_c>: NCHW (B, C, J) from (B*C, HW) x (HW, J); channels_last (B, J, C).
+  at::Tensor project(const at::Tensor& basis) const {
+    if (!cl) return at::mm(x.reshape({batch * channels, hw}), basis.t()).view({batch, channels, basis.size(0)});
+    const at::Tensor x3 = x.reshape({batch, hw, channels});
+    return batch == 1 ? at::mm(basis, x3[0]).unsqueeze(0) : at::bmm(basis.expand({batch, -1, -1}), x3);
+  }
+};
+
+// out += sum_j coefficients[:, j] e_j. NCHW: out (B, O, HW), coefficients (B, O, J);
+// channels_last: out (B*HW, O), coefficients (B, J, O).
+void synthesise_(at::Tensor& out, const at::Tensor& coefficients, const at::Tensor& basis, const Pixels& p) {
+  if (!p.cl) {
+    out.view({-1, p.hw}).addmm_(coefficients.reshape({-1, basis.size(0)}), basis);
+  } else if (p.batch == 1) {
+    out.addmm_(basis.t(), coefficients[0]);
+  } else {
+    out.view({p.batch, p.hw, -1}).baddbmm_(basis.t().expand({p.batch, -1, -1}), coefficients);
+  }
+}
+
+// NCHW: a (B, O, J) or channels_last (B, J, O) product of `mix` (O', C') with coefficients (B, C', J)
+// or (B, J, C'), for `transpose_mix` mixing with mix^T instead.
+at::Tensor mix(const at::Tensor& coefficients, const at::Tensor& weight, bool transpose_mix, const Pixels& p) {
+  const at::Tensor w = transpose_mix ? weight.t() : weight;  // (O', C')
+  if (p.cl) {
+    const int64_t j = coefficients.size(1);
+    return at::mm(coefficients.reshape({-1, coefficients.size(2)}), w.t()).view({p.batch, j, w.size(0)});
+  }
+  if (p.batch == 1) return at::mm(w, coefficients[0]).unsqueeze(0);
+  return at::bmm(w.expand({p.batch, -1, -1}), coefficients);
+}
+
+// The dense 1x1 conv `weight` (O, C) of the pixels, plus an optional bias.
+at::Tensor dense(const Pixels& p, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (p.cl) return has_bias ? at::addmm(*bias, p.x, weight.t()) : at::mm(p.x, weight.t());
+  if (p.batch == 1) {
+    const at::Tensor out = has_bias ? at::addmm(bias->unsqueeze(1), weight, p.x[0]) : at::mm(weight, p.x[0]);
+    return out.unsqueeze(0);
+  }
+  const at::Tensor w = weight.expand({p.batch, -1, -1});
+  return has_bias ? at::baddbmm(bias->view({1, -1, 1}), w, p.x) : at::bmm(w, p.x);
 }
 
 at::Tensor spg_lowrank(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& basis, const at::Tensor& scale, const at::Tensor& constant) {
-  const int64_t height = x.size(2), width = x.size(3);
-  const bool cl = channels_last(x);
-  const at::Tensor x3 = pixels(x, cl);
-  at::Tensor mixed = at::matmul(project(x3, basis, cl).mul_(scale), weight.t());  // (B, J, O)
-  if (bias.has_value() && bias->defined()) {
-    // The bias rides on the constant image e_0 = 1 / sqrt(HW).
-    mixed.select(1, 0).add_(*bias, std::sqrt(static_cast<double>(height * width)));
-  }
-  at::Tensor out3 = dense_1x1(x3, weight * constant, cl);
-  synthesise_(out3, mixed, basis, cl);
-  return from_pixels(out3, height, width, cl);
+  const Pixels p(x, channels_last(x));
+  // Coefficients scaled per channel, mixed to the output channels: NCHW (B, O, J), channels_last (B, J, O).
+  const at::Tensor coefficients = p.project(basis).mul_(p.cl ? scale : scale.t());
+  const at::Tensor mixed = mix(coefficients, weight, false, p);
+  at::Tensor out = dense(p, weight * constant, bias);
+  synthesise_(out, mixed, basis, p);
+  return p.map_of(out);
 }
 
 at::Tensor spg_lowrank_input_grad(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& basis,
                                   const at::Tensor& scale, const at::Tensor& constant) {
-  const bool cl = channels_last(grad);
-  const at::Tensor g3 = pixels(grad, cl);
-  at::Tensor back = dense_1x1(g3, (weight * constant).t(), cl);
-  const at::Tensor mixed = at::matmul(project(g3, basis, cl), weight).mul_(scale);  // (B, J, C)
-  synthesise_(back, mixed, basis, cl);
-  return from_pixels(back, grad.size(2), grad.size(3), cl);
+  const Pixels p(grad, channels_last(grad));
+  at::Tensor back = dense(p, (weight * constant).t(), std::nullopt);
+  // The gradient's coefficients mixed back to the input channels, then scaled per input channel.
+  const at::Tensor mixed = mix(p.project(basis), weight, true, p).mul_(p.cl ? scale : scale.t());
+  synthesise_(back, mixed, basis, p);
+  return p.map_of(back);
 }
 
 at::Tensor spg_lowrank_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& basis,
                                    const at::Tensor& scale, const at::Tensor& constant) {
   const bool cl = channels_last(x);
-  const at::Tensor x3 = pixels(x, cl), g3 = pixels(grad, cl);
-  const at::Tensor filtered = project(x3, basis, cl).mul_(scale);  // (B, J, C)
-  const at::Tensor coefficients = project(g3, basis, cl);         // (B, J, O)
-  at::Tensor out = at::mm(coefficients.flatten(0, 1).t(), filtered.flatten(0, 1));
-  // Batched over B in NCHW, so neither map is permuted into a (C, B*H*W) copy.
-  const at::Tensor dense = cl ? at::mm(g3.reshape({-1, g3.size(2)}).t(), x3.reshape({-1, x3.size(2)}))
-                              : at::bmm(g3, x3.transpose(1, 2)).sum(0);
-  return out.add_(dense * constant);
+  const Pixels px(x, cl), pg(grad, cl);
+  const at::Tensor filtered = px.project(basis).mul_(cl ? scale : scale.t());  // s_j <e_j, x>
+  const at::Tensor coefficients = pg.project(basis);                          // <e_j, g>
+  if (cl) {  // (O, B*HW) x (B*HW, C), then the coefficient pairing over (B*J)
+    at::Tensor out = at::mm(pg.x.t(), px.x).mul_(constant);
+    return out.addmm_(coefficients.reshape({-1, coefficients.size(2)}).t(), filtered.reshape({-1, filtered.size(2)}));
+  }
+  // NCHW: per sample, so neither map is permuted into a (C, B*HW) copy.
+  at::Tensor out = at::mm(pg.x[0], px.x[0].t());
+  for (int64_t b = 1; b < px.batch; ++b) out.addmm_(pg.x[b], px.x[b].t());
+  out.mul_(constant);
+  for (int64_t b = 0; b < px.batch; ++b) out.addmm_(coefficients[b], filtered[b].t());
+  return out;
 }
 
 }  // namespace

@@ -6,13 +6,12 @@ otherwise; plans (:mod:`spanet_ops.plans`) supply masks and bases.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import compute_dtype
 
 
 def fft_filter(x: Tensor, half_mask: Tensor) -> Tensor:
@@ -58,7 +57,7 @@ def lowrank_filter(
     weight: Tensor,
     constant: Tensor,
 ) -> Tensor:
-    """The separable low-rank filter of planes ``x`` ``(N, H, W)`` in any storage dtype.
+    """The separable low-rank filter of planes ``x`` ``(..., H, W)`` (``N`` planes) in any storage dtype.
 
     The bases come factored (:class:`spanet_ops.plans.Factors`: distinct rows, index and
     sign per row; ``even_rows`` is only a hint for kernels that fold the passes).
@@ -66,15 +65,15 @@ def lowrank_filter(
     ``N % P == 0``: plane ``n`` uses mask plane ``n % P``. Arithmetic is in the bases'
     dtype; the result has ``x``'s dtype.
     """
-    n, height, width = x.shape
-    planes = weight.shape[0]
+    height, width = x.shape[-2:]
+    n, planes = x.numel() // (height * width), weight.shape[0]
     basis_h = _unfactor(row_factors, row_index, row_sign)
     basis_w = _unfactor(col_factors, col_index, col_sign)
     xc = x.to(basis_h.dtype).reshape(n // planes, planes, height, width)
     coefficients = _coefficient_scale(analysis(xc, basis_h, basis_w), weight)
     y = synthesis(coefficients, basis_h, basis_w)
     y = y.addcmul_(xc, constant[:, None, None])
-    return y.reshape(n, height, width).to(x.dtype)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def _unfactor(unique: Tensor, index: Tensor, sign: Tensor) -> Tensor:
@@ -84,18 +83,18 @@ def _unfactor(unique: Tensor, index: Tensor, sign: Tensor) -> Tensor:
 
 
 def basis_filter(x: Tensor, basis: Tensor, scale: Tensor, constant: Tensor) -> Tensor:
-    """The low-rank filter of planes ``x`` ``(N, H, W)`` in the real basis: two GEMMs.
+    """The low-rank filter of planes ``x`` ``(..., H, W)`` (``N`` planes) in the real basis: two GEMMs.
 
     ``y[n] = constant[p] x[n] + sum_j scale[p, j] <basis_j, x[n]> basis_j`` with
     ``basis`` ``(J, H*W)`` orthonormal, ``scale`` ``(P, J)``, ``constant`` ``(P,)``,
     ``p = n % P``. Arithmetic in the basis' dtype; the result has ``x``'s dtype.
     """
-    n, height, width = x.shape
-    planes = scale.shape[0]
+    height, width = x.shape[-2:]
+    n, planes = x.numel() // (height * width), scale.shape[0]
     xc = x.to(basis.dtype).reshape(n // planes, planes, height * width)
     coefficients = torch.matmul(xc, basis.transpose(0, 1)).mul_(scale)
     y = torch.baddbmm(xc * constant[:, None], coefficients, basis.expand(n // planes, -1, -1))
-    return y.reshape(n, height, width).to(x.dtype)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -245,8 +244,3 @@ def mask_gradient(x: Tensor, grad_output: Tensor) -> Tensor:
     spec_g = torch.fft.rfft2(grad_output, norm="ortho")
     half = spec_x.real * spec_g.real + spec_x.imag * spec_g.imag
     return half_to_full(half, x.shape[-1])
-
-
-def planes_of(x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
-    """``x`` ``(..., H, W)`` as contiguous planes ``(N, H, W)``, with its leading shape."""
-    return x.reshape(-1, *x.shape[-2:]).contiguous(), tuple(x.shape[:-2])

@@ -42,6 +42,8 @@ def check_algorithm(algorithm) -> str:
 
 def check_radius(radius) -> float:
     """Require a real, finite, non-negative radius (``bool`` is not a number here); returns it as a float."""
+    if type(radius) is float and 0.0 <= radius < math.inf:
+        return radius
     if isinstance(radius, bool) or not isinstance(radius, Real):
         raise TypeError(f"radius must be a real number, got {type(radius).__name__} {radius!r}")
     value = float(radius)
@@ -96,6 +98,18 @@ def check_spatial(x: Tensor, name: str = "x") -> None:
         x.shape[-2] != 0 and x.shape[-1] != 0,
         lambda: f"{name} has an empty plane (H, W) = {tuple(x.shape[-2:])}: the spectral filter needs H, W >= 1",
     )
+
+
+def plainly_valid(x: Tensor, *others: Optional[Tensor]) -> bool:
+    """The checks' fast path: eager, concrete shapes, supported dtypes, every tensor on ``x``'s device.
+
+    A False answer means only "check in full" (which then names the problem); while
+    tracing the full checks always run, on symbolic shapes.
+    """
+    if torch.compiler.is_compiling() or x.dtype not in FLOAT_DTYPES:
+        return False
+    device = x.device
+    return all(t is None or (t.dtype in FLOAT_DTYPES and t.device == device) for t in others)
 
 
 def check_mask(x: Tensor, mask: Tensor) -> None:

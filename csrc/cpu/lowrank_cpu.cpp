@@ -527,7 +527,7 @@ void lowrank_planes(const at::Tensor& x, const LowRankArgs& f, at::Tensor& out) 
   const acc_t* cp = constant.const_data_ptr<acc_t>();
   const int64_t hw = g.height * g.width, kl = (g.k2 / 2) * (g.l2 / 2);
   const PlaneIO<scalar_t, acc_t> io(g);
-  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.numel() / hw, 1, [&](int64_t begin, int64_t end) {
     Workspace<acc_t> ws(g);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t m = n % planes;  // plane n uses mask plane n % P

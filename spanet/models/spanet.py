@@ -21,13 +21,11 @@ per-channel balances: one 1x1 conv plus a low-rank spectral correction). The
 comparison (see :func:`set_spectral_impl`).
 """
 
-import re
 import urllib.error
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 import spanet_ops

@@ -16,12 +16,14 @@ from .. import algorithms, reference
 from ..masks import to_centred
 from ..plans import broadcast_planes, fft_half_mask, lowrank_form, mask_plan
 from ..validation import (
+    ALGORITHMS,
     check_algorithm,
     check_mask,
     check_real_floating,
     check_same_device,
     check_spatial,
     compute_dtype,
+    plainly_valid,
     require,
 )
 from .kernels import own_arithmetic
@@ -66,6 +68,16 @@ def spectral_mask_filter(x: Tensor, mask: Tensor, *, centered: bool = True, algo
 
 
 def _check_filter(x: Tensor, mask: Tensor, algorithm: str) -> None:
+    if (
+        plainly_valid(x, mask)
+        and 2 <= mask.dim() <= x.dim()
+        and x.shape[-2:] == mask.shape[-2:]
+        and x.shape[-1] != 0
+        and x.shape[-2] != 0
+        and (mask.dim() == 2 or mask.shape[:-2] == x.shape[x.dim() - mask.dim():-2])  # else: broadcast, in full
+        and algorithm in ALGORITHMS
+    ):
+        return
     check_real_floating(x, "x")
     check_spatial(x)
     check_mask(x, mask)
@@ -89,20 +101,17 @@ def spectral_mask_filter_op(x: Tensor, mask: Tensor, centered: bool, algorithm: 
         chosen = plan.algorithm if algorithm == "auto" else algorithm
         if chosen == "fft":
             return algorithms.fft_filter(x.to(dtype), plan.half_mask).to(x.dtype).contiguous()
-        planes, x_lead = algorithms.planes_of(x)
+        x_lead = tuple(x.shape[:-2])
         period = broadcast_planes(plan.lead_shape, x_lead)
         if lowrank_form(x.device.type) == "separable":
             terms = plan.separable
             weight, constant = _per_plane(terms.weight, terms.constant, plan.lead_shape, x_lead, period)
             r, c = terms.rows, terms.cols
-            out = _lowrank_filter_kernel(
-                planes, r.unique, r.index, r.sign, r.even, c.unique, c.index, c.sign, weight, constant
-            )
-        else:
-            basis, scale, constant = plan.basis_terms
-            scale, constant = _per_plane(scale, constant, plan.lead_shape, x_lead, period)
-            out = _basis_filter_kernel(planes, basis, scale, constant)
-        return out.view(x.shape)
+            return _lowrank_filter_kernel(x, r.unique, r.index, r.sign, r.even, c.unique, c.index, c.sign, weight,
+                                          constant)
+        basis, scale, constant = plan.basis_terms
+        scale, constant = _per_plane(scale, constant, plan.lead_shape, x_lead, period)
+        return _basis_filter_kernel(x, basis, scale, constant)
 
 
 def _per_plane(weight: Tensor, constant: Tensor, lead_shape, x_lead, period):

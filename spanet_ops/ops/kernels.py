@@ -16,6 +16,7 @@ nothing else chooses a backend.
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 from torch import Tensor
@@ -39,13 +40,14 @@ def _define(schema: str, default, fake=_like_x) -> None:
     torch.library.register_fake(f"spanet::{name}", fake, lib=_lib)
 
 
-# The separable low-rank filter on planes (N, H, W) with factored bases (plans.Factors).
+# The separable low-rank filter on planes (..., H, W) with factored bases (plans.Factors); plane n of the N uses
+# mask plane n % P.
 _define(
     "lowrank_filter_kernel(Tensor x, Tensor row_factors, Tensor row_index, Tensor row_sign, int even_rows, "
     "Tensor col_factors, Tensor col_index, Tensor col_sign, Tensor weight, Tensor constant) -> Tensor",
     algorithms.lowrank_filter,
 )
-# The low-rank filter on planes (N, H, W) in the real basis (J, H*W): X Phi^T diag(scale_p) Phi + c_p X.
+# The low-rank filter on planes (..., H, W) in the real basis (J, H*W): X Phi^T diag(scale_p) Phi + c_p X.
 _define("basis_filter_kernel(Tensor x, Tensor basis, Tensor scale, Tensor constant) -> Tensor", algorithms.basis_filter)
 
 
@@ -106,13 +108,14 @@ def _basis_filter_cuda(x: Tensor, basis: Tensor, scale: Tensor, constant: Tensor
     kernels = triton_module()
     if kernels is None:  # no Triton: PyTorch's GEMMs (cuBLAS)
         return algorithms.basis_filter(x, basis, scale, constant)
-    return kernels.basis_filter(x, basis, scale, constant)
+    planes = x.reshape(-1, *x.shape[-2:])  # the launcher takes (N, H, W)
+    return kernels.basis_filter(planes, basis, scale, constant).view(x.shape)
 
 
 torch.library.register_kernel("spanet::basis_filter_kernel", "cuda", _basis_filter_cuda, lib=_lib)
 
 
-class own_arithmetic:
+def own_arithmetic(x: Tensor):
     """Context of an op's implementation: the arithmetic the op chooses itself, whatever the caller's settings.
 
     The ops compute in float32 (float64 for float64 input) and return their input's
@@ -120,20 +123,31 @@ class own_arithmetic:
     TF32 (``set_float32_matmul_precision``, cuDNN's ``allow_tf32``) would round float32
     inputs to 10 mantissa bits, so both are switched off inside where they are on.
     A context (not a decorator) so that no frame of this module sits between a
-    family's op and its kernels.
+    family's op and its kernels; a shared no-op one where there is nothing to switch.
     """
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    exact = device_type == "cuda" and x.dtype != torch.float64  # computed in float32
+    if not (autocast or exact):
+        return _NOTHING_TO_SWITCH
+    return _OwnArithmetic(device_type, autocast, exact)
+
+
+_NOTHING_TO_SWITCH = contextlib.nullcontext()
+
+
+class _OwnArithmetic:
+    """Autocast off (where it was on) and full float32 GEMMs and convolutions on CUDA, restored on exit."""
 
     __slots__ = ("_device_type", "_autocast", "_saved")
 
-    def __init__(self, x: Tensor):
-        self._device_type = x.device.type
-        exact = self._device_type == "cuda" and x.dtype != torch.float64  # computed in float32
-        self._autocast = torch.is_autocast_enabled(self._device_type)
+    def __init__(self, device_type: str, autocast: bool, exact: bool):
+        self._device_type = device_type
+        self._autocast = torch.autocast(device_type, enabled=False) if autocast else None
         self._saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) if exact else None
 
     def __enter__(self):
-        if self._autocast:
-            self._autocast = torch.autocast(self._device_type, enabled=False)
+        if self._autocast is not None:
             self._autocast.__enter__()
         if self._saved is not None:
             torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
@@ -142,6 +156,6 @@ class own_arithmetic:
     def __exit__(self, *exc):
         if self._saved is not None:
             torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = self._saved
-        if self._autocast:
+        if self._autocast is not None:
             self._autocast.__exit__(*exc)
         return False

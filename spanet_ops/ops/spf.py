@@ -16,10 +16,18 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .. import algorithms, reference
+from .. import reference
 from ..masks import BOUNDARY_VALUE, LamLike, circular_mask, lam_values
 from ..plans import circular_plan, disc_geometry, lowrank_form
-from ..validation import check_algorithm, check_radius, check_real_floating, check_spatial, check_terms, compute_dtype
+from ..validation import (
+    check_algorithm,
+    check_radius,
+    check_real_floating,
+    check_spatial,
+    check_terms,
+    compute_dtype,
+    plainly_valid,
+)
 from .filter import spectral_mask_filter_op
 from .kernels import own_arithmetic
 
@@ -43,16 +51,19 @@ def spectral_pooling_filter(x: Tensor, radius: float, lam: LamLike, *, algorithm
             tensor that does not is read as floats.
         algorithm: as in :func:`spanet_ops.spectral_mask_filter`.
     """
-    check_algorithm(algorithm)
-    radius = check_radius(radius)
+    check_algorithm(algorithm)  # the op's schema would reject a non-string with a RuntimeError
+    radius = check_radius(radius)  # ... and take True for 1.0
+    if type(lam) is float:  # the common case; the op checks the value
+        return spectral_pooling_filter_op(x, [lam], radius, algorithm)
     if isinstance(lam, Tensor) and (lam.requires_grad or lam.device.type != "cpu"):
         return _tensor_lam_filter(x, radius, lam, algorithm)
     return spectral_pooling_filter_op(x, list(lam_values(lam)), radius, algorithm)
 
 
 def _check_spf(x: Tensor, lams: List[float], radius: float, algorithm: str) -> None:
-    check_real_floating(x, "x")
-    check_spatial(x)
+    if not (plainly_valid(x) and x.dim() >= 2 and x.shape[-1] != 0 and x.shape[-2] != 0):
+        check_real_floating(x, "x")
+        check_spatial(x)
     check_terms(x.shape[-3] if x.dim() >= 3 else None, lams, radius, algorithm, "spectral_pooling_filter")
 
 
@@ -78,16 +89,12 @@ def spectral_pooling_filter_op(x: Tensor, lams: List[float], radius: float, algo
             limits = plan.geometry.limits
             out = _circular_fft_filter_kernel(xc, plan.lam_tensor, limits.inside_limit, limits.edge)
             return out if out.dtype == x.dtype else out.to(x.dtype)
-        planes, _ = algorithms.planes_of(x)
         if lowrank_form(x.device.type) == "separable":
             terms = plan.separable
             r, c = terms.rows, terms.cols
-            out = _lowrank_filter_kernel(
-                planes, r.unique, r.index, r.sign, r.even, c.unique, c.index, c.sign, terms.weight, terms.constant
-            )
-        else:
-            out = _basis_filter_kernel(planes, *plan.basis_terms)
-        return out.view(x.shape)
+            return _lowrank_filter_kernel(x, r.unique, r.index, r.sign, r.even, c.unique, c.index, c.sign,
+                                          terms.weight, terms.constant)
+        return _basis_filter_kernel(x, *plan.basis_terms)
 
 
 @spectral_pooling_filter_op.register_fake

@@ -31,6 +31,7 @@ from ..validation import (
     check_terms,
     chunk_sizes,
     compute_dtype,
+    plainly_valid,
     require,
 )
 from .kernels import own_arithmetic
@@ -85,6 +86,17 @@ def spg_aggregate(
 
 
 def _check_spg(x: Tensor, weight: Tensor, bias: Optional[Tensor], lams, radius: float, algorithm: str) -> None:
+    if (
+        plainly_valid(x, weight, bias)
+        and x.dim() == 4
+        and x.shape[2] != 0
+        and x.shape[3] != 0
+        and weight.dim() == 2
+        and weight.shape[1] == x.shape[1]
+        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+    ):
+        check_terms(x.shape[1], lams, radius, algorithm, "spg_aggregate")
+        return
     check_real_floating(x, "x")
     require(x.dim() == 4, lambda: f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     check_spatial(x)
@@ -184,6 +196,13 @@ spg_aggregate_op.register_autograd(_spg_backward, setup_context=_spg_setup)
 
 
 def _check_spg_grad(grad: Tensor, other: Tensor, other_name: str, lams, radius: float, algorithm: str) -> None:
+    if plainly_valid(grad, other) and grad.dim() == 4 and grad.shape[2] != 0 and grad.shape[3] != 0 and (
+        (other.dim() == 2 and other.shape[0] == grad.shape[1])
+        if other_name == "weight"
+        else (other.dim() == 4 and other.shape[0] == grad.shape[0] and other.shape[2:] == grad.shape[2:])
+    ):
+        check_terms(other.shape[1], lams, radius, algorithm, "spg_aggregate")
+        return
     check_real_floating(grad, "grad")
     require(grad.dim() == 4, lambda: f"grad must be (B, C_out, H, W), got shape {tuple(grad.shape)}")
     check_spatial(grad, "grad")

@@ -386,9 +386,10 @@ def test_triton_serves_the_basis_filter_on_cuda(monkeypatch):
             return args[0]
 
     monkeypatch.setattr(kernels, "triton_module", lambda: FakeTriton)
-    planes = torch.randn(3, 4, 5)
+    planes = torch.randn(1, 3, 4, 5)
     basis, scale, constant = torch.randn(2, 20), torch.randn(1, 2), torch.randn(1)
-    assert kernels._basis_filter_cuda(planes, basis, scale, constant) is planes and len(calls) == 1
+    assert torch.equal(kernels._basis_filter_cuda(planes, basis, scale, constant), planes)
+    assert len(calls) == 1 and calls[0][0].shape == (3, 4, 5)  # the launcher takes (N, H, W)
     monkeypatch.setattr(kernels, "triton_module", lambda: None)  # no Triton: PyTorch's GEMMs
     expected = torch.ops.spanet.basis_filter_kernel(planes, basis, scale, constant)
     torch.testing.assert_close(kernels._basis_filter_cuda(planes, basis, scale, constant), expected)
