@@ -31,6 +31,7 @@ __all__ = [
     "write_plots",
     "epoch_line",
     "summary_table",
+    "format_table",
     "summary_footer",
 ]
 
@@ -236,10 +237,14 @@ def summary_table(history: Sequence[Dict[str, Any]], ema: bool = False) -> str:
     if ema:
         cols.append(("ema_val_top1", "EMA top-1 %", "{:.2f}"))
     cols += [("lr", "lr", "{:.2e}"), ("train_images_per_sec", "img/s", "{:.0f}"), ("epoch_time", "time s", "{:.1f}")]
-    rows = [[fmt.format(row[key]) for key, _, fmt in cols] for row in history]
+    return format_table(history, cols)
+
+
+def format_table(history: Sequence[Dict[str, Any]], cols: Sequence[Tuple[str, str, str]]) -> str:
+    """Rows of ``history`` as a right-aligned fixed-width table; ``cols`` are ``(key, title, format)``, "-" where a row lacks a value."""
+    rows = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in cols] for row in history]
     widths = [max([len(title)] + [len(r[i]) for r in rows]) for i, (_, title, _) in enumerate(cols)]
-    out = ["  ".join(title.rjust(w) for (_, title, _), w in zip(cols, widths))]
-    out.append("  ".join("-" * w for w in widths))
+    out = ["  ".join(title.rjust(w) for (_, title, _), w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     return "\n".join(out)
 

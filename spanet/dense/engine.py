@@ -437,11 +437,7 @@ def _table(history: Sequence[Dict[str, Any]], task: str) -> str:
     cols = [("epoch", "epoch", "{:d}"), ("train_loss", "train loss", "{:.4f}")]
     cols += [(k, k[4:], "{:.2f}") for k in _metric_keys(task)]
     cols += [("lr", "lr", "{:.2e}"), ("train_images_per_sec", "img/s", "{:.1f}"), ("epoch_time", "time s", "{:.1f}")]
-    rows = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in cols] for row in history]
-    widths = [max([len(title)] + [len(r[i]) for r in rows]) for i, (_, title, _) in enumerate(cols)]
-    out = ["  ".join(title.rjust(w) for (_, title, _), w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
-    return "\n".join(out)
+    return reporting.format_table(history, cols)
 
 
 def train(args: argparse.Namespace, dist, run_dir: str) -> Dict[str, Any]:
