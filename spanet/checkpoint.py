@@ -49,6 +49,7 @@ __all__ = [
     "WEIGHTS_FORMAT",
     "CheckpointError",
     "atomic_write",
+    "plain_values",
     "remove_stale_temporaries",
     "save_checkpoint",
     "copy_checkpoint",
@@ -75,6 +76,18 @@ WEIGHTS_FORMAT = "spanet-train-weights"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read, is not of the expected kind, or does not fit the model."""
+
+
+def plain_values(value: Any) -> Any:
+    """``value`` with every leaf a str, int, float, bool or None (lists for tuples, str keys): what
+    ``torch.load(weights_only=True)`` reads back. Anything else becomes its ``str``."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain_values(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain_values(v) for k, v in value.items()}
+    return str(value)
 
 
 def _fsync_dir(path: str) -> None:

@@ -364,7 +364,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         recorded = ckpt_lib.load_training_checkpoint(_resume_path(args.resume), mmap=True).get("args", {})
         explicit = _explicit_flags(argv)
         for key in _FIXED_ON_RESUME:
-            if key in explicit and key in recorded and _primitive(getattr(args, key)) != recorded[key]:
+            if key in explicit and key in recorded and ckpt_lib.plain_values(getattr(args, key)) != recorded[key]:
                 raise UsageError(
                     f"--{key.replace('_', '-')} {getattr(args, key)!r} differs from the {recorded[key]!r} of the run "
                     f"being resumed, whose saved state only fits its own; start a new run with "
@@ -503,17 +503,6 @@ class Dist:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _primitive(value: Any) -> Any:
-    # Checkpoints must load with weights_only=True: keep the recorded args to plain values.
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_primitive(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _primitive(v) for k, v in value.items()}
-    return str(value)
-
-
 def _writable_dir(path: str) -> None:
     # Found out now, not after an epoch of training: create and delete a file in the folder.
     try:
@@ -536,24 +525,34 @@ def _claim_run_dir(args: argparse.Namespace) -> "tuple[str, bool]":
         run_dir = resume if os.path.isdir(resume) else os.path.dirname(resume)
         _writable_dir(run_dir)
         return run_dir, False
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UsageError(f"--output {args.output!r} is a file, not a folder")
+    data = "digits" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
+    default_name = f"{args.model}-{data}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return claim_run_dir(args.output, args.name, default_name), True
+
+
+def claim_run_dir(output: str, name: Optional[str], default_name: str) -> str:
+    """Create a new, writable run folder ``output/name`` with an exclusive ``mkdir`` and return its path.
+
+    A folder that exists is never shared, so two runs started at once cannot
+    write into one: a taken ``name`` is a :class:`UsageError`, a taken
+    ``default_name`` (used when ``name`` is None) gets a ``-1``, ``-2``, ... suffix.
+    """
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output {output!r} is a file, not a folder")
     try:
-        os.makedirs(args.output, exist_ok=True)
+        os.makedirs(output, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create --output {args.output!r}: {e.strerror or e}") from e
-    if args.name is not None:
-        candidates = iter([args.name])
+        raise UsageError(f"cannot create --output {output!r}: {e.strerror or e}") from e
+    if name is not None:
+        candidates = iter([name])
     else:
-        data = "digits" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
-        base = f"{args.model}-{data}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        candidates = itertools.chain([base], (f"{base}-{i}" for i in itertools.count(1)))
-    for name in candidates:
-        run_dir = os.path.join(args.output, name)
+        candidates = itertools.chain([default_name], (f"{default_name}-{i}" for i in itertools.count(1)))
+    for candidate in candidates:
+        run_dir = os.path.join(output, candidate)
         try:
             os.mkdir(run_dir)
         except FileExistsError:
-            if args.name is not None:
+            if name is not None:
                 raise UsageError(
                     f"run folder {run_dir!r} already exists; choose another --name, or pass --resume {run_dir} "
                     "to continue the run it holds"
@@ -566,7 +565,8 @@ def _claim_run_dir(args: argparse.Namespace) -> "tuple[str, bool]":
         except UsageError:
             os.rmdir(run_dir)
             raise
-        return run_dir, True
+        return run_dir
+    raise AssertionError("unreachable: the default names never run out")
 
 
 def _resume_path(resume: str) -> str:
@@ -588,7 +588,7 @@ def _autocast(device: torch.device, args: argparse.Namespace):
 def _parser_values(args: argparse.Namespace) -> Dict[str, Any]:
     # The flags as plain values, for args.yaml (which -c reads back), W&B and the checkpoint.
     dests = {a.dest for a in build_parser()._actions} - {"help"}
-    return {k: v for k, v in _primitive(vars(args)).items() if k in dests}
+    return {k: v for k, v in ckpt_lib.plain_values(vars(args)).items() if k in dests}
 
 
 def _create_scheduler(optimizer, args: argparse.Namespace, updates_per_epoch: int):
@@ -638,8 +638,8 @@ def _weights_metadata(args, num_classes, data_config, class_map, epoch: int, ema
         "epoch": str(epoch),
         "weights": "ema" if ema else "model",
         "data_dir": args.data_dir or "",
-        "data_config": json.dumps(_primitive(data_config)),
-        "class_to_idx": json.dumps(_primitive(class_map)) if class_map else "",
+        "data_config": json.dumps(ckpt_lib.plain_values(data_config)),
+        "class_to_idx": json.dumps(ckpt_lib.plain_values(class_map)) if class_map else "",
     }
 
 
@@ -1055,13 +1055,13 @@ def _train(args: argparse.Namespace, dist: Dist, claimed: Dict[str, Any]) -> Dic
                 "model": unwrap_model(model).state_dict(),
                 "model_ema": ema_module.state_dict() if ema_module is not None else None,
                 "optimizer": optimizer.state_dict(),
-                "scheduler": _primitive(scheduler.state_dict()),
+                "scheduler": ckpt_lib.plain_values(scheduler.state_dict()),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_states,
                 "world_size": dist.world_size,
                 "args": _parser_values(args),
-                "data_config": _primitive(data_config),
-                "class_to_idx": _primitive(class_map) if class_map else None,
+                "data_config": ckpt_lib.plain_values(data_config),
+                "class_to_idx": ckpt_lib.plain_values(class_map) if class_map else None,
                 "history": history,
                 "best": best,
                 "kept_best": kept_best,

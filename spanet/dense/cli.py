@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import math
 import os
 import sys
@@ -315,33 +314,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _claim_run_dir(args: argparse.Namespace) -> str:
-    """The run folder: the checkpoint's when resuming, else a new one made with an exclusive ``mkdir``."""
+    """The run folder: the checkpoint's when resuming, else a new one (:func:`spanet.train.claim_run_dir`)."""
+    from ..train import claim_run_dir
+
     if args.resume is not None and args.name is None:
         resume = os.path.abspath(args.resume)
         return resume if os.path.isdir(resume) else os.path.dirname(resume)
-    try:
-        os.makedirs(args.output, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create --output {args.output!r}: {e.strerror or e}") from e
-    if args.name is not None:
-        names = iter([args.name])
-    else:
-        data = "synthetic" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
-        base = f"dense-{args.task}-{args.arch}-{data}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        names = itertools.chain([base], (f"{base}-{i}" for i in itertools.count(1)))
-    for name in names:
-        run_dir = os.path.join(args.output, name)
-        try:
-            os.mkdir(run_dir)
-        except FileExistsError:
-            if args.name is not None:
-                raise UsageError(f"run folder {run_dir!r} already exists; choose another --name, or pass "
-                                 f"--resume {run_dir} to continue the run it holds") from None
-            continue
-        except OSError as e:
-            raise UsageError(f"cannot create run folder {run_dir!r}: {e.strerror or e}") from e
-        return run_dir
-    raise AssertionError("unreachable")
+    data = "synthetic" if args.data_dir is None else os.path.basename(os.path.normpath(args.data_dir))
+    default_name = f"dense-{args.task}-{args.arch}-{data}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return claim_run_dir(args.output, args.name, default_name)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:

@@ -259,17 +259,6 @@ def evaluate(model: nn.Module, loader, task: str, *, device: torch.device, num_c
 
 
 # ----------------------------------------------------------------------------------------- training
-def _primitive(value: Any) -> Any:
-    # Checkpoints load with weights_only=True: keep the recorded values plain.
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_primitive(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _primitive(v) for k, v in value.items()}
-    return str(value)
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -540,7 +529,7 @@ def train(args: argparse.Namespace, dist, run_dir: str) -> Dict[str, Any]:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_states, "world_size": dist.world_size,
-                "args": _primitive(vars(args)), "history": _primitive(history), "best": best,
+                "args": ckpt_lib.plain_values(vars(args)), "history": ckpt_lib.plain_values(history), "best": best,
                 "versions": {"torch": str(torch.__version__)},
             }
             ckpt_lib.save_checkpoint(checkpoint, last_path)

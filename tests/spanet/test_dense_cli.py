@@ -20,7 +20,8 @@ from spanet import checkpoint as ck
 from spanet.dense import cli
 from spanet.dense.engine import load_dense_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.spanet.cli_support import REPO, run_module
+from tests.spanet.cli_support import assert_same_state as _assert_same_state, subprocess_env as _env
 
 # A tiny Mask R-CNN run that draws from every RNG the trainer replays: flips (per sample), multi-scale
 # (torchvision's transform, global torch RNG), the RPN/RoI samplers and drop path.
@@ -30,23 +31,8 @@ TINY = ["--task", "instance", "--img-size", "64", "--train-images", "8", "--val-
         "--no-progress"]
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    env.update(extra)
-    return env
-
-
 def _run(args, timeout=600, **env):
-    return subprocess.run([sys.executable, "-m", "spanet.dense", *args], cwd=REPO, env=_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    return run_module("spanet.dense", args, timeout, **env)
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_weights(tmp_path):

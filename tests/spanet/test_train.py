@@ -19,7 +19,8 @@ import torch
 from spanet import checkpoint as ck
 from spanet import train as train_mod
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.spanet.cli_support import REPO, run_module
+from tests.spanet.cli_support import assert_same_state as _assert_same_state, subprocess_env as _env
 
 # A run that exercises every RNG consumer: RandAugment (python random), random erasing and drop path (torch),
 # MixUp/CutMix (numpy), plus EMA, gradient accumulation and the per-update schedule.
@@ -30,24 +31,8 @@ MECHANICS = [
 ]
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    # Same intra-op thread count as this process: bitwise comparisons with in-process runs stay meaningful.
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    env.update(extra)
-    return env
-
-
 def _run(args, timeout=600, **env):
-    return subprocess.run([sys.executable, "-m", "spanet.train", *args], cwd=REPO, env=_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    return run_module("spanet.train", args, timeout, **env)
 
 
 def test_resume_after_sigkill_with_other_worker_counts_gives_the_uninterrupted_weights(tmp_path):
