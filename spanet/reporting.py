@@ -31,6 +31,7 @@ __all__ = [
     "write_plots",
     "epoch_line",
     "summary_table",
+    "finish_epoch_plot",
     "format_table",
     "summary_footer",
 ]
@@ -187,7 +188,6 @@ def write_plots(run_dir: str, history: Sequence[Dict[str, Any]], *, run_name: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     suffix = f" — {run_name}" if run_name else ""
@@ -206,18 +206,27 @@ def write_plots(run_dir: str, history: Sequence[Dict[str, Any]], *, run_name: st
             if key in history[0]:
                 style = dict(marker="o", linestyle="none") if filename == "lr.png" else dict(marker="o")
                 ax.plot(epochs, [row[key] for row in history], label=label, **style)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.set_title(title + suffix, fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(run_dir, filename)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(finish_epoch_plot(fig, ax, os.path.join(run_dir, filename), ylabel, title + suffix, fontsize=10))
     return paths
+
+
+def finish_epoch_plot(fig, ax, path: str, ylabel: str, title: str, **title_kwargs) -> str:
+    """Label a per-epoch plot (integer epoch ticks, grid, legend where lines are drawn), save it at ``path``
+    and close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: one tick, not fractions
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **title_kwargs)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def epoch_line(metrics: Dict[str, Any], ema: bool = False) -> str:

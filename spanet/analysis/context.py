@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import List, NamedTuple, Tuple, Union
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .features import forward_with_hooks
 
 __all__ = ["ContextMap", "context_map", "spam_blocks"]
 
@@ -64,15 +65,7 @@ def context_map(model: nn.Module, image: Tensor, block: Union[int, str] = -1) ->
         x = args[0]
         captured["context"] = module.context(module.conv(module.proj_in(x)))
 
-    handle = spam.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        handle.remove()
-        model.train(was_training)
+    forward_with_hooks(model, batch, [spam.register_forward_hook(hook)])
     reduced = captured["context"].float().abs().mean(dim=1, keepdim=True)
     context = F.interpolate(reduced, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     return ContextMap(context if image.dim() == 4 else context[0], image)

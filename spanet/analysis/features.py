@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -213,6 +213,20 @@ def _first_tensor(output) -> Tensor:
     raise ValueError(f"a hooked module returned a {type(output).__name__}, not a tensor")
 
 
+def forward_with_hooks(model: nn.Module, inputs: Tensor, handles: Sequence) -> None:
+    """``model(inputs)`` in eval mode without grad for the hooks behind ``handles``, which are removed after;
+    the model's training flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def collect_features(
     model: nn.Module,
     images: Tensor,
@@ -260,15 +274,7 @@ def collect_features(
         if target.window_block is not None:
             handles.append(target.window_block.register_forward_pre_hook(record_window_size))
         handles.append(target.module.register_forward_hook(make_hook(target)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    forward_with_hooks(model, images, handles)
     missing = [t.name for t in targets if t.name not in features]
     if missing:
         raise ValueError(f"modules {missing[:3]} did not run in the forward pass ({len(missing)} in all)")

@@ -387,7 +387,6 @@ def _plots(run_dir: str, history: Sequence[Dict[str, Any]], metric_keys: Sequenc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     if not history:
         return []
@@ -400,18 +399,7 @@ def _plots(run_dir: str, history: Sequence[Dict[str, Any]], metric_keys: Sequenc
             points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=key.replace("train_", "").replace("val_", ""))
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend()
-        fig.tight_layout()
-        path = os.path.join(run_dir, filename)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(reporting.finish_epoch_plot(fig, ax, os.path.join(run_dir, filename), ylabel, title))
     return paths
 
 
